@@ -1,0 +1,69 @@
+"""Shared fixtures: one temporary Minari store for the whole session, with small local datasets built on
+first use, and a helper that runs a script as a user would (subprocess, exit code, output)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datasets import inverted_pendulum_controller, make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+PENDULUM = "local/pendulum/random-v0"  # Box observations, reference scores set
+POINTMAZE = "local/pointmaze/umaze-random-v0"  # dict observations (gymnasium-robotics point maze)
+DOOR = "D4RL/door/human-v2"  # an Adroit door dataset under the real D4RL id (random actions, 50-step episodes)
+INVERTED = "local/invertedpendulum/noisy-v0"  # known behaviour policy: linear controller + N(0, 2.5^2) noise
+INVERTED_REF = (5.0, 1000.0)  # random policy ~5, perfect balancing 1000
+
+
+@pytest.fixture(scope="session")
+def minari_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("minari")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never try the network from tests
+    return root
+
+
+@pytest.fixture(scope="session")
+def pendulum(minari_root) -> str:
+    make_dataset(PENDULUM, "Pendulum-v1", 5, ref=(-1200.0, -150.0))
+    return PENDULUM
+
+
+@pytest.fixture(scope="session")
+def pointmaze(minari_root) -> str:
+    make_dataset(POINTMAZE, "PointMaze_UMaze-v3", 4, max_episode_steps=50)
+    return POINTMAZE
+
+
+@pytest.fixture(scope="session")
+def door(minari_root) -> str:
+    make_dataset(DOOR, "AdroitHandDoor-v1", 3, max_episode_steps=50, ref=(-50.0, 3000.0))
+    return DOOR
+
+
+@pytest.fixture(scope="session")
+def inverted_pendulum(minari_root) -> dict:
+    """30 episodes of a noisy balancing controller; returns the id and the behaviour policy's mean return."""
+    returns = make_dataset(INVERTED, "InvertedPendulum-v5", 30, inverted_pendulum_controller(2.5), ref=INVERTED_REF)
+    return {"id": INVERTED, "behaviour_return": float(returns.mean())}
+
+
+def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
+    """Run `python <script> <args>` in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(cwd / script), *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def run():
+    return run_script
