@@ -755,10 +755,11 @@ def main(argv: list) -> None:
         values = {k: v.item() for k, v in metrics.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
+            last = run_dir / "checkpoints" / "last.pt"
+            kept = f"the last finite checkpoint is kept: {last}" if last.exists() else "no checkpoint was written yet"
             raise FloatingPointError(
                 f"{', '.join(bad)} became non-finite between step {last_check[0]} and step {step}. The run is "
-                f"stopped; the last finite checkpoint is kept in {run_dir / 'checkpoints'}. Lower the learning "
-                "rates, or try --layer-norm against diverging critics."
+                f"stopped; {kept}. Lower the learning rates, or try --layer-norm against diverging critics."
             )
         last_check[0] = step
         return values

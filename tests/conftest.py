@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from datasets import inverted_pendulum_controller, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

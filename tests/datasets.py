@@ -58,7 +58,13 @@ def make_dataset(dataset_id: str, env_id: str, n_episodes: int, policy=None, see
     episodes, returns = rollout(env, policy or random_policy(env), n_episodes, seed)
     ref_min, ref_max = ref if ref is not None else (None, None)
     minari.create_dataset_from_buffers(
-        dataset_id, episodes, env=env, ref_min_score=ref_min, ref_max_score=ref_max, algorithm_name="test"
+        dataset_id,
+        episodes,
+        env=env,
+        eval_env=env.spec,
+        ref_min_score=ref_min,
+        ref_max_score=ref_max,
+        algorithm_name="test",
     )
     return returns
 

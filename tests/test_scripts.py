@@ -1,0 +1,266 @@
+"""What every training script guarantees, run as a user runs it (subprocesses): end-to-end runs on Box,
+dict-observation and Adroit datasets, resume after a real signal, determinism, atomic checkpoints, numerical
+faults and clear errors (exit code 2, no traceback) for bad input. Parametrized over the algorithms."""
+
+import importlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_script
+from datasets import make_dataset, rollout
+
+ALGOS = ["iql.py"]
+FAST = ["--total-steps", "400", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "100"]
+SMALL = ["--hidden-dim", "32"]
+BAD_HYPERPARAMETER = {"iql.py": ["--expectile", "1.0"], "cql.py": ["--cql-alpha", "-1"]}
+
+pytestmark = pytest.mark.parametrize("algo", ALGOS)
+
+
+def run_dir_of(output):
+    (run_dir,) = [p for p in output.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def assert_user_error(result, *phrases):
+    """Exit code 2, one readable message, no traceback."""
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "Traceback" not in out, out
+    for phrase in phrases:
+        assert phrase in out, out
+
+
+def load_params(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return {
+        k: v for k, v in ckpt.items() if isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())
+    }
+
+
+# ---- end to end -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dataset", ["pendulum", "pointmaze", "door"])
+def test_end_to_end_run_writes_events_checkpoints_and_summary(algo, dataset, request, tmp_path):
+    dataset_id = request.getfixturevalue(dataset)
+    result = run_script(algo, "--env", dataset_id, *FAST, *SMALL, "--output", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = run_dir_of(tmp_path)
+    assert run_dir.name.startswith(f"{dataset_id.replace('/', '-')}__{algo[:-3]}__1__")
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "args.yaml").is_file()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["algo"] == algo[:-3] and ckpt["minari_id"] == dataset_id and ckpt["step"] == 400
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algo"] == algo[:-3] and summary["minari_id"] == dataset_id and summary["steps"] == 400
+    assert [h["step"] for h in summary["eval_history"]] == [200, 400] and summary["sps"] > 0
+    assert np.isfinite(summary["final_return"])
+    if dataset == "pointmaze":  # no reference scores in this dataset: raw returns only
+        assert summary["final_normalized_score"] is None
+    else:
+        assert np.isfinite(summary["final_normalized_score"])
+
+
+def test_tensorboard_has_the_documented_tags(algo, pendulum, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run_script(algo, "--env", pendulum, *FAST, *SMALL, "--output", tmp_path).returncode == 0
+    events = EventAccumulator(str(run_dir_of(tmp_path)))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"charts/SPS", "charts/learning_rate", "eval/return", "eval/length", "eval/normalized_score"} <= tags
+    assert any(t.startswith("losses/") for t in tags)
+    assert [e.step for e in events.Scalars("charts/SPS")] == [100, 200, 300, 400]
+
+
+def test_script_copied_alone_with_common_runs_with_defaults(algo, pendulum, tmp_path):
+    for name in (algo, "common.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    result = run_script(algo, "--env", pendulum, *FAST, "--output", tmp_path / "runs", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "config: none (defaults)" in result.stdout
+
+
+def test_capture_video_explains_when_the_env_cannot_render(algo, pendulum, tmp_path):
+    result = run_script(algo, "--env", pendulum, *FAST, *SMALL, "--capture-video", "--output", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    videos = list(run_dir_of(tmp_path).glob("videos/*.gif"))
+    assert videos or "--capture-video: this env cannot render here" in result.stdout + result.stderr
+
+
+# ---- determinism and resume -----------------------------------------------------------------------------
+RESUMABLE = ["--total-steps", "1200", "--eval-every", "300", "--eval-episodes", "2", "--log-every", "100"]
+RESUMABLE += ["--checkpoint-every", "200", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory, pendulum):
+    """Uninterrupted runs, computed once per algorithm: the baseline of the determinism and resume tests."""
+    runs = {}
+
+    def get(algo, seed=1):
+        if (algo, seed) not in runs:
+            out = tmp_path_factory.mktemp("reference")
+            result = run_script(algo, "--env", pendulum, *RESUMABLE, "--seed", seed, "--output", out)
+            assert result.returncode == 0, result.stdout + result.stderr
+            runs[algo, seed] = run_dir_of(out)
+        return runs[algo, seed]
+
+    return get
+
+
+def assert_same_run(a, b):
+    params_a, params_b = load_params(a), load_params(b)
+    assert params_a.keys() == params_b.keys() and params_a
+    for name in params_a:
+        for key in params_a[name]:
+            assert torch.equal(params_a[name][key], params_b[name][key]), f"{name}.{key} differs"
+    scores = [json.loads((d / "summary.json").read_text())["eval_history"] for d in (a, b)]
+    assert [(h["step"], h["return"]) for h in scores[0]] == [(h["step"], h["return"]) for h in scores[1]]
+
+
+def test_same_seed_gives_identical_parameters_and_scores_and_another_seed_does_not(
+    algo, reference_runs, pendulum, tmp_path
+):
+    result = run_script(algo, "--env", pendulum, *RESUMABLE, "--seed", 1, "--output", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_run(reference_runs(algo), run_dir_of(tmp_path))
+    with pytest.raises(AssertionError):
+        assert_same_run(reference_runs(algo), reference_runs(algo, seed=2))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, sig, reference_runs, pendulum, tmp_path):
+    env = {"OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *map(str, RESUMABLE), "--output", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*/checkpoints/step_*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere after the first checkpoint, mid-training
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out
+    run_dir = run_dir_of(tmp_path)
+    assert f"--resume {run_dir}" in out
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 200 <= stopped_at < 1200, stopped_at
+
+    result = run_script(algo, "--resume", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"at step {stopped_at}" in result.stdout
+    assert_same_run(reference_runs(algo), run_dir)
+
+
+def test_resume_refuses_a_checkpoint_of_another_dataset_or_algorithm(algo, reference_runs, door, tmp_path):
+    run_dir = reference_runs(algo)
+    assert_user_error(run_script(algo, "--env", door, "--resume", run_dir), "checkpoint for dataset")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["algo"] = "other"
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert_user_error(run_script(algo, "--resume", tmp_path / "other.pt"), "checkpoint of other.py")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run_script(algo, "--resume", tmp_path / "garbage.pt"), "not a readable")
+
+
+def test_resume_refuses_to_change_hyperparameters(algo, reference_runs):
+    assert_user_error(run_script(algo, "--resume", reference_runs(algo), "--batch-size", "64"), "batch_size")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+def test_only_the_last_keep_checkpoints_files_are_kept(algo, pendulum, tmp_path):
+    args = ["--checkpoint-every", "100", "--keep-checkpoints", "2"]
+    assert run_script(algo, "--env", pendulum, *FAST, *SMALL, *args, "--output", tmp_path).returncode == 0
+    names = sorted(p.name for p in (run_dir_of(tmp_path) / "checkpoints").iterdir())
+    assert names == ["last.pt", "step_300.pt", "step_400.pt"]
+
+
+def test_a_failed_checkpoint_write_warns_and_keeps_the_previous_checkpoint(algo, tmp_path, monkeypatch, capsys):
+    module = importlib.import_module(algo[:-3])
+    module.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)}, 1, keep=3)
+
+    def disk_full(fd):  # the bytes are in the temporary file, then the disk "fills up" before the rename
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.os, "fsync", disk_full)
+    module.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(3)}, 2, keep=3)
+    assert "No space left on device" in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_1.pt"]
+
+
+def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pendulum, tmp_path):
+    lrs = ["--actor-lr", "1e30", "--critic-lr", "1e30"] + (["--value-lr", "1e30"] if algo == "iql.py" else [])
+    result = run_script(algo, "--env", pendulum, *FAST, *SMALL, *lrs, "--output", tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 3 and "Traceback" not in out, out
+    assert "losses/" in out and "became non-finite between step 0 and step 100" in out
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def odd_datasets(minari_root):
+    """A discrete-action dataset, an empty one, and one whose stored observations do not fit its eval env."""
+    make_dataset("local/cartpole/random-v0", "CartPole-v1", 2)
+    env = gym.make("Pendulum-v1")
+    minari.create_dataset_from_buffers("local/pendulum/empty-v0", [], env=env, eval_env=env.spec)
+    episodes, _ = rollout(env, lambda obs, rng: env.action_space.sample(), 2, seed=0)
+    for ep in episodes:  # pad observations to 4 numbers: the eval env (Pendulum, 3) no longer matches
+        object.__setattr__(ep, "observations", np.pad(ep.observations, ((0, 0), (0, 1))))
+    space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
+    minari.create_dataset_from_buffers("local/pendulum/padded-v0", episodes, env=env, observation_space=space)
+    return {
+        "discrete": "local/cartpole/random-v0",
+        "empty": "local/pendulum/empty-v0",
+        "padded": "local/pendulum/padded-v0",
+    }
+
+
+def test_unknown_dataset_names_suggest_close_matches(algo, minari_root):
+    assert_user_error(run_script(algo, "--env", "door-humen-v2"), "unknown dataset", "door-human-v2")
+    assert_user_error(run_script(algo, "--env", "hopper-medium-v2"), "Minari does not host", "mujoco/hopper/")
+
+
+def test_missing_dataset_without_network_explains_how_to_get_it(algo, minari_root):
+    result = run_script(algo, "--env", "pen-expert-v2", env={"HF_HUB_OFFLINE": "1"})
+    assert_user_error(result, "D4RL/pen/expert-v2", "minari download", "MINARI_DATASETS_PATH")
+
+
+def test_datasets_that_cannot_be_trained_on_are_refused(algo, odd_datasets, tmp_path):
+    out = ["--output", tmp_path]
+    assert_user_error(run_script(algo, "--env", odd_datasets["discrete"], *out), "Discrete action space")
+    assert_user_error(run_script(algo, "--env", odd_datasets["empty"], *out), "has no episodes")
+    assert_user_error(run_script(algo, "--env", odd_datasets["padded"], *out), "do not match")
+
+
+def test_out_of_range_hyperparameters_are_refused(algo, pendulum):
+    assert_user_error(run_script(algo, "--env", pendulum, "--batch-size", "0"), "batch_size must be > 0")
+    assert_user_error(run_script(algo, "--env", pendulum, "--discount", "1.5"), "discount")
+    assert_user_error(run_script(algo, "--env", pendulum, *BAD_HYPERPARAMETER[algo]), "invalid hyperparameters")
+
+
+def test_bad_config_files_are_refused(algo, pendulum, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("batch_sise: 128\n")
+    assert_user_error(run_script(algo, "--env", pendulum, "--config", config), "unknown key 'batch_sise'", "batch_size")
+    config.write_text("batch_size: [1, 2]\n")
+    assert_user_error(run_script(algo, "--env", pendulum, "--config", config), "'batch_size' should be")
+    config.write_text("seed: 3\nbatch_size: 64\n")
+    result = run_script(algo, "--env", pendulum, "--config", config, "--batch-size", 32, *FAST, "--output", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    resolved = (run_dir_of(tmp_path) / "args.yaml").read_text()
+    assert "batch_size: 32" in resolved and "seed: 3" in resolved  # the CLI overrides the config file
+
+
+def test_unwritable_output_folder_is_refused(algo, pendulum, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert_user_error(run_script(algo, "--env", pendulum, "--output", tmp_path / "a_file" / "runs"), "--output")
