@@ -45,7 +45,7 @@ def test_soft_update_moves_target_by_tau():
     source, target = nn.Linear(3, 2), nn.Linear(3, 2)
     before = [p.clone() for p in target.parameters()]
     soft_update(target, source, 0.25)
-    for t, s, b in zip(target.parameters(), source.parameters(), before):
+    for t, s, b in zip(target.parameters(), source.parameters(), before, strict=True):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * s)
 
 

@@ -212,12 +212,15 @@ def odd_datasets(minari_root):
     """A discrete-action dataset, an empty one, and one whose stored observations do not fit its eval env."""
     make_dataset("local/cartpole/random-v0", "CartPole-v1", 2)
     env = gym.make("Pendulum-v1")
-    minari.create_dataset_from_buffers("local/pendulum/empty-v0", [], env=env, eval_env=env.spec)
+    describe = {"algorithm_name": "random", "description": "test dataset", "eval_env": env.spec}
+    minari.create_dataset_from_buffers("local/pendulum/empty-v0", [], env=env, **describe)
     episodes, _ = rollout(env, lambda obs, rng: env.action_space.sample(), 2, seed=0)
     for ep in episodes:  # pad observations to 4 numbers: the eval env (Pendulum, 3) no longer matches
         object.__setattr__(ep, "observations", np.pad(ep.observations, ((0, 0), (0, 1))))
     space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
-    minari.create_dataset_from_buffers("local/pendulum/padded-v0", episodes, env=env, observation_space=space)
+    minari.create_dataset_from_buffers(
+        "local/pendulum/padded-v0", episodes, env=env, observation_space=space, **describe
+    )
     return {
         "discrete": "local/cartpole/random-v0",
         "empty": "local/pendulum/empty-v0",
