@@ -1,6 +1,6 @@
 """Training throughput of iql.py and cql.py against a straightforward PyTorch implementation, in one run.
 
-    python benchmarks/throughput.py                    # CPU, a locally built Adroit-door dataset (39-d obs, 28-d actions)
+    python benchmarks/throughput.py   # CPU; a locally built Adroit-door dataset (39-d obs, 28-d actions)
     python benchmarks/throughput.py --device cuda --steps 5000 --env D4RL/door/human-v2
 
 "Ours" is the real script run as a user runs it (a subprocess, default network sizes, batch 256); its steps/s
@@ -233,10 +233,27 @@ def build_dataset() -> str:
             action = env.action_space.sample()
             obs, r, te, tr, _ = env.step(action)
             o.append(obs), act.append(action), rew.append(r), term.append(te), trunc.append(tr)
-        episodes.append(EpisodeBuffer(id=i, observations=np.stack(o), actions=np.stack(act), rewards=np.array(rew),
-                                      terminations=np.array(term), truncations=np.array(trunc), infos={}))  # fmt: skip
-    minari.create_dataset_from_buffers(dataset_id, episodes, env=env, eval_env=env.spec, ref_min_score=-50.0,
-                                       ref_max_score=3000.0, algorithm_name="random", description="benchmark")  # fmt: skip
+        episodes.append(
+            EpisodeBuffer(
+                id=i,
+                observations=np.stack(o),
+                actions=np.stack(act),
+                rewards=np.array(rew),
+                terminations=np.array(term),
+                truncations=np.array(trunc),
+                infos={},
+            )
+        )
+    minari.create_dataset_from_buffers(
+        dataset_id,
+        episodes,
+        env=env,
+        eval_env=env.spec,
+        ref_min_score=-50.0,
+        ref_max_score=3000.0,
+        algorithm_name="random",
+        description="benchmark",
+    )
     return dataset_id
 
 
@@ -254,8 +271,10 @@ def main(args: Args):
         dataset = iql.load_minari_dataset(iql.resolve_dataset_id(env))
         raw = iql.load_transitions(dataset)
         data = {k: torch.as_tensor(v, device=device) for k, v in raw.items() if k != "returns"}
-        print(f"dataset {env}: {len(raw['rewards'])} transitions, obs {raw['obs'].shape[1]}, "
-              f"actions {raw['actions'].shape[1]}; device {args.device}, {args.threads} threads, batch 256")  # fmt: skip
+        print(
+            f"dataset {env}: {len(raw['rewards'])} transitions, obs {raw['obs'].shape[1]}, "
+            f"actions {raw['actions'].shape[1]}; device {args.device}, {args.threads} threads, batch 256"
+        )
         rows = []
         for algo in args.algos:
             windows, evals = [], []
@@ -267,8 +286,11 @@ def main(args: Args):
             base = statistics.median(baseline_sps(algo, data, device, args.steps) for _ in range(args.repeats))
             base = base if args.baseline else float("nan")
             rows.append((algo, ours, base, ours / base, statistics.median(evals)))
-            print(f"{algo}: ours {ours:.1f} steps/s, baseline {base:.1f} steps/s, ratio {ours / base:.2f}x, "
-                  f"eval {statistics.median(evals):.3f} s/episode", flush=True)  # fmt: skip
+            print(
+                f"{algo}: ours {ours:.1f} steps/s, baseline {base:.1f} steps/s, ratio {ours / base:.2f}x, "
+                f"eval {statistics.median(evals):.3f} s/episode",
+                flush=True,
+            )
         print("\n| algo | ours (steps/s) | straightforward baseline (steps/s) | ratio | eval s/episode |")
         print("|---|---|---|---|---|")
         for algo, ours, base, ratio, ev in rows:
