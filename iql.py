@@ -131,37 +131,32 @@ class UserError(Exception):
 # --------------------------------------------------------------------------------------------------------
 # Data: dataset names, Minari loading, flattening, normalization, reward transforms, on-device buffer
 # --------------------------------------------------------------------------------------------------------
-ADROIT = r"(?P<task>pen|door|hammer|relocate)-(?P<kind>human|cloned|expert)-v[012]"
-ANTMAZE = r"antmaze-(?P<kind>umaze|umaze-diverse|medium-play|medium-diverse|large-play|large-diverse)-v[012]"
-POINTMAZE = r"(?:maze2d|pointmaze)-(?P<kind>(?:umaze|medium|large|open)(?:-dense)?)-v[0-9]"
-KITCHEN = r"kitchen-(?P<kind>complete|partial|mixed)-v[02]"
-MUJOCO_ENVS = "halfcheetah|hopper|walker2d|ant|humanoid|invertedpendulum|inverteddoublependulum|pusher|reacher|swimmer"
-MUJOCO = rf"(?P<task>{MUJOCO_ENVS})-(?P<kind>simple|medium|expert)-v0"
+# D4RL-style name -> Minari id (DESIGN.md section 4). Each domain: (tasks, kinds, versions accepted, id template)
+DOMAINS = {
+    "adroit": ("pen|door|hammer|relocate", "human|cloned|expert", "012", "D4RL/{task}/{kind}-v2"),
+    "antmaze": ("antmaze", "umaze|umaze-diverse|medium-play|medium-diverse|large-play|large-diverse", "012",
+                "D4RL/antmaze/{kind}-v1"),
+    "pointmaze": ("maze2d|pointmaze", "umaze|medium|large|open|umaze-dense|medium-dense|large-dense|open-dense",
+                  "0-9", "D4RL/pointmaze/{kind}-v2"),
+    "kitchen": ("kitchen", "complete|partial|mixed", "02", "D4RL/kitchen/{kind}-v2"),
+    "mujoco": ("halfcheetah|hopper|walker2d|ant|humanoid|invertedpendulum|inverteddoublependulum|pusher|reacher|"
+               "swimmer", "simple|medium|expert", "0", "mujoco/{task}/{kind}-v0"),
+}  # fmt: skip
 D4RL_LOCOMOTION = (
-    r"(?P<task>halfcheetah|hopper|walker2d|ant)-(?:random|medium|expert|medium-replay|medium-expert|full-replay)-v[0-9]"
+    r"(?P<task>halfcheetah|hopper|walker2d|ant)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v[0-9]"  # noqa: E501
 )
-NAME_PATTERNS = [  # D4RL-style name -> Minari id (DESIGN.md section 4)
-    (ADROIT, "D4RL/{task}/{kind}-v2"),
-    (ANTMAZE, "D4RL/antmaze/{kind}-v1"),
-    (POINTMAZE, "D4RL/pointmaze/{kind}-v2"),
-    (KITCHEN, "D4RL/kitchen/{kind}-v2"),
-    (MUJOCO, "mujoco/{task}/{kind}-v0"),
-]
-KNOWN_NAMES = (
-    [f"{t}-{k}-v2" for t in ("pen", "door", "hammer", "relocate") for k in ("human", "cloned", "expert")]
-    + [f"antmaze-{k}-v1" for k in ANTMAZE.split("(?P<kind>")[1].split(")")[0].split("|")]
-    + [f"pointmaze-{k}{d}-v2" for k in ("umaze", "medium", "large", "open") for d in ("", "-dense")]
-    + [f"kitchen-{k}-v2" for k in ("complete", "partial", "mixed")]
-    + [f"{e}-{k}-v0" for e in MUJOCO_ENVS.split("|") for k in ("simple", "medium", "expert")]
-)
+KNOWN_NAMES = [  # for "did you mean" suggestions, with the version Minari hosts
+    f"{task}-{kind}-{template[-2:]}"
+    for tasks, kinds, _, template in DOMAINS.values() for task in tasks.split("|") for kind in kinds.split("|")
+]  # fmt: skip
 
 
 def resolve_dataset_id(name: str) -> str:
     """Map a D4RL-style name to its Minari id; a name containing '/' already is one."""
     if "/" in name:
         return name
-    for pattern, template in NAME_PATTERNS:
-        if m := re.fullmatch(pattern, name):
+    for tasks, kinds, versions, template in DOMAINS.values():
+        if m := re.fullmatch(rf"(?P<task>{tasks})-(?P<kind>{kinds})-v[{versions}]", name):
             return template.format(**m.groupdict())
     if m := re.fullmatch(D4RL_LOCOMOTION, name):
         raise UserError(
