@@ -615,18 +615,6 @@ def main(argv: list) -> None:
     if args.capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")
 
-    # Run folder: a resumed run continues in its own folder
-    if ckpt is not None:
-        run_dir = Path(args.resume)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent.parent
-    else:
-        run_dir = Path(args.output) / f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
-    except OSError as e:
-        raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from e
-
     # TRY NOT TO MODIFY: seeding
     seed_everything(args.seed)
     torch.backends.cudnn.deterministic = True
@@ -666,10 +654,22 @@ def main(argv: list) -> None:
             f"{envs.single_action_space.shape}, the dataset {obs_dim} and ({act_dim},): they do not match"
         )
 
+    # Run folder: a resumed run continues in its own folder
+    if ckpt is not None:
+        run_dir = Path(args.resume)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent.parent
+    else:
+        run_dir = Path(args.output) / f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from e
+
     # Networks and optimizers
     actor = Actor(obs_dim, act_dim, args.hidden_dim, args.n_hidden, args.actor_dropout, args.deterministic_actor)
     critic = TwinQ(obs_dim, act_dim, args.hidden_dim, args.n_hidden, args.layer_norm)
-    value = nn.Sequential(mlp(obs_dim, 1, args.hidden_dim, args.n_hidden))
+    value = mlp(obs_dim, 1, args.hidden_dim, args.n_hidden)
     if args.orthogonal_init:
         for net in (actor, critic, value):
             orthogonal_init(net)
