@@ -149,16 +149,16 @@ def baseline_cql(data, o, a, device, n=10):
         td = F.mse_loss(q1p, target) + F.mse_loss(q2p, target)
         s_rep, s2_rep = s.repeat_interleave(n, 0), s2.repeat_interleave(n, 0)
         rand_a = torch.empty(256 * n, a, device=device).uniform_(-1, 1)
-        cur_a, cur_logp = actor(s_rep)
-        nxt_a, nxt_logp = actor(s2_rep)
+        cur_a, cur_logp = (x.detach() for x in actor(s_rep))  # CORL detaches the sampled OOD actions
+        nxt_a, nxt_logp = (x.detach() for x in actor(s2_rep))
         rand_density = math.log(0.5**a)
         penalty = 0
         for net, pred in ((q1, q1p), (q2, q2p)):  # six critic calls
             cat = torch.cat(
                 [
                     (q(net, s_rep, rand_a) - rand_density).view(256, n),
-                    (q(net, s_rep, nxt_a) - nxt_logp.detach()).view(256, n),
-                    (q(net, s_rep, cur_a) - cur_logp.detach()).view(256, n),
+                    (q(net, s_rep, nxt_a) - nxt_logp).view(256, n),
+                    (q(net, s_rep, cur_a) - cur_logp).view(256, n),
                 ],
                 1,
             )
