@@ -52,7 +52,7 @@ def inverted_pendulum(minari_root) -> dict:
 
 def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
     """Run `python <script> <args>` in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, str(cwd / script), *map(str, args)],
         cwd=cwd,

@@ -139,7 +139,7 @@ def test_same_seed_gives_identical_parameters_and_scores_and_another_seed_does_n
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, sig, reference_runs, pendulum, tmp_path):
-    env = {"OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *map(str, RESUMABLE), "--output", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
