@@ -677,9 +677,10 @@ def main(argv: list) -> None:
     target_critic = TwinQ(obs_dim, act_dim, args.hidden_dim, args.n_hidden, args.layer_norm).to(device)
     target_critic.load_state_dict(critic.state_dict())
     target_critic.requires_grad_(False)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    value_opt = torch.optim.Adam(value.parameters(), lr=args.value_lr)
+    # fused=True: one kernel per optimizer step instead of a python loop over parameters (CPU, CUDA, MPS)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
+    value_opt = torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         actor_opt,
         lambda s: (

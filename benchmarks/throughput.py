@@ -220,8 +220,11 @@ def ours_sps(algo, args, env, out):
 def build_dataset() -> str:
     """A random-action Adroit door dataset with the real door dimensions (39-d observations, 28-d actions)."""
     import gymnasium as gym
+    import gymnasium_robotics
     import minari
     from minari.data_collector import EpisodeBuffer
+
+    gym.register_envs(gymnasium_robotics)
 
     dataset_id = "bench/door/random-v0"
     env = gym.make("AdroitHandDoor-v1", max_episode_steps=200)
@@ -283,8 +286,9 @@ def main(args: Args):
                 windows += w
                 evals.append(e)
             ours = statistics.median(windows)
-            base = statistics.median(baseline_sps(algo, data, device, args.steps) for _ in range(args.repeats))
-            base = base if args.baseline else float("nan")
+            base = float("nan")
+            if args.baseline:
+                base = statistics.median(baseline_sps(algo, data, device, args.steps) for _ in range(args.repeats))
             rows.append((algo, ours, base, ours / base, statistics.median(evals)))
             print(
                 f"{algo}: ours {ours:.1f} steps/s, baseline {base:.1f} steps/s, ratio {ours / base:.2f}x, "
