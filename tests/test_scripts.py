@@ -18,12 +18,19 @@ import torch
 from conftest import ROOT, run_script
 from datasets import make_dataset, rollout
 
-ALGOS = ["iql.py"]
+ALGOS = ["iql.py", "cql.py"]
 FAST = ["--total-steps", "400", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "100"]
-SMALL = ["--hidden-dim", "32"]
 BAD_HYPERPARAMETER = {"iql.py": ["--expectile", "1.0"], "cql.py": ["--cql-alpha", "-1"]}
 
-pytestmark = pytest.mark.parametrize("algo", ALGOS)
+
+@pytest.fixture(params=ALGOS)
+def algo(request):
+    return request.param
+
+
+def small(algo):
+    """Small networks (and, for CQL, few sampled actions): these tests are about plumbing, not learning."""
+    return ["--hidden-dim", "32"] + (["--cql-n-actions", "2"] if algo == "cql.py" else [])
 
 
 def run_dir_of(output):
@@ -51,7 +58,7 @@ def load_params(run_dir):
 @pytest.mark.parametrize("dataset", ["pendulum", "pointmaze", "door"])
 def test_end_to_end_run_writes_events_checkpoints_and_summary(algo, dataset, request, tmp_path):
     dataset_id = request.getfixturevalue(dataset)
-    result = run_script(algo, "--env", dataset_id, *FAST, *SMALL, "--output", tmp_path)
+    result = run_script(algo, "--env", dataset_id, *FAST, *small(algo), "--output", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = run_dir_of(tmp_path)
     assert run_dir.name.startswith(f"{dataset_id.replace('/', '-')}__{algo[:-3]}__1__")
@@ -72,7 +79,7 @@ def test_end_to_end_run_writes_events_checkpoints_and_summary(algo, dataset, req
 def test_tensorboard_has_the_documented_tags(algo, pendulum, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert run_script(algo, "--env", pendulum, *FAST, *SMALL, "--output", tmp_path).returncode == 0
+    assert run_script(algo, "--env", pendulum, *FAST, *small(algo), "--output", tmp_path).returncode == 0
     events = EventAccumulator(str(run_dir_of(tmp_path)))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -84,21 +91,25 @@ def test_tensorboard_has_the_documented_tags(algo, pendulum, tmp_path):
 def test_script_copied_alone_with_common_runs_with_defaults(algo, pendulum, tmp_path):
     for name in (algo, "common.py"):
         shutil.copy(ROOT / name, tmp_path / name)
-    result = run_script(algo, "--env", pendulum, *FAST, "--output", tmp_path / "runs", cwd=tmp_path)
+    few = ["--total-steps", "40", "--eval-every", "40", "--log-every", "20", "--eval-episodes", "2"]
+    result = run_script(algo, "--env", pendulum, *few, "--output", tmp_path / "runs", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "config: none (defaults)" in result.stdout
 
 
 def test_capture_video_explains_when_the_env_cannot_render(algo, pendulum, tmp_path):
-    result = run_script(algo, "--env", pendulum, *FAST, *SMALL, "--capture-video", "--output", tmp_path)
+    result = run_script(algo, "--env", pendulum, *FAST, *small(algo), "--capture-video", "--output", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     videos = list(run_dir_of(tmp_path).glob("videos/*.gif"))
     assert videos or "--capture-video: this env cannot render here" in result.stdout + result.stderr
 
 
 # ---- determinism and resume -----------------------------------------------------------------------------
-RESUMABLE = ["--total-steps", "1200", "--eval-every", "300", "--eval-episodes", "2", "--log-every", "100"]
-RESUMABLE += ["--checkpoint-every", "200", *SMALL]
+def resumable(algo):
+    return [
+        *("--total-steps", "1200", "--eval-every", "300", "--eval-episodes", "2", "--log-every", "100"),
+        *("--checkpoint-every", "200", *small(algo)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +120,7 @@ def reference_runs(tmp_path_factory, pendulum):
     def get(algo, seed=1):
         if (algo, seed) not in runs:
             out = tmp_path_factory.mktemp("reference")
-            result = run_script(algo, "--env", pendulum, *RESUMABLE, "--seed", seed, "--output", out)
+            result = run_script(algo, "--env", pendulum, *resumable(algo), "--seed", seed, "--output", out)
             assert result.returncode == 0, result.stdout + result.stderr
             runs[algo, seed] = run_dir_of(out)
         return runs[algo, seed]
@@ -130,7 +141,7 @@ def assert_same_run(a, b):
 def test_same_seed_gives_identical_parameters_and_scores_and_another_seed_does_not(
     algo, reference_runs, pendulum, tmp_path
 ):
-    result = run_script(algo, "--env", pendulum, *RESUMABLE, "--seed", 1, "--output", tmp_path)
+    result = run_script(algo, "--env", pendulum, *resumable(algo), "--seed", 1, "--output", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_run(reference_runs(algo), run_dir_of(tmp_path))
     with pytest.raises(AssertionError):
@@ -140,7 +151,7 @@ def test_same_seed_gives_identical_parameters_and_scores_and_another_seed_does_n
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, sig, reference_runs, pendulum, tmp_path):
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *map(str, RESUMABLE), "--output", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *resumable(algo), "--output", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.time() + 120
@@ -179,7 +190,7 @@ def test_resume_refuses_to_change_hyperparameters(algo, reference_runs):
 # ---- checkpoints ----------------------------------------------------------------------------------------
 def test_only_the_last_keep_checkpoints_files_are_kept(algo, pendulum, tmp_path):
     args = ["--checkpoint-every", "100", "--keep-checkpoints", "2"]
-    assert run_script(algo, "--env", pendulum, *FAST, *SMALL, *args, "--output", tmp_path).returncode == 0
+    assert run_script(algo, "--env", pendulum, *FAST, *small(algo), *args, "--output", tmp_path).returncode == 0
     names = sorted(p.name for p in (run_dir_of(tmp_path) / "checkpoints").iterdir())
     assert names == ["last.pt", "step_300.pt", "step_400.pt"]
 
@@ -200,7 +211,7 @@ def test_a_failed_checkpoint_write_warns_and_keeps_the_previous_checkpoint(algo,
 
 def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pendulum, tmp_path):
     lrs = ["--actor-lr", "1e30", "--critic-lr", "1e30"] + (["--value-lr", "1e30"] if algo == "iql.py" else [])
-    result = run_script(algo, "--env", pendulum, *FAST, *SMALL, *lrs, "--output", tmp_path)
+    result = run_script(algo, "--env", pendulum, *FAST, *small(algo), *lrs, "--output", tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 3 and "Traceback" not in out, out
     assert "losses/" in out and "became non-finite between step 0 and step 100" in out
@@ -258,7 +269,9 @@ def test_bad_config_files_are_refused(algo, pendulum, tmp_path):
     config.write_text("batch_size: [1, 2]\n")
     assert_user_error(run_script(algo, "--env", pendulum, "--config", config), "'batch_size' should be")
     config.write_text("seed: 3\nbatch_size: 64\n")
-    result = run_script(algo, "--env", pendulum, "--config", config, "--batch-size", 32, *FAST, "--output", tmp_path)
+    result = run_script(
+        algo, "--env", pendulum, "--config", config, "--batch-size", 32, *FAST, *small(algo), "--output", tmp_path
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     resolved = (run_dir_of(tmp_path) / "args.yaml").read_text()
     assert "batch_size: 32" in resolved and "seed: 3" in resolved  # the CLI overrides the config file
