@@ -63,6 +63,14 @@ def mlp(i, o, hidden=256, n_hidden=2):
     return nn.Sequential(*layers, nn.Linear(d, o))
 
 
+@torch.no_grad()
+def polyak(targets, sources, tau=0.005):
+    """A parameter-by-parameter Python loop, as in most implementations."""
+    for target, source in zip(targets, sources, strict=True):
+        for t, p in zip(target.parameters(), source.parameters(), strict=True):
+            t.data.copy_((1 - tau) * t.data + tau * p.data)
+
+
 class GaussianActor(nn.Module):  # IQL: tanh mean, state-independent log-std
     def __init__(self, o, a):
         super().__init__()
@@ -116,9 +124,7 @@ def baseline_iql(data, o, a, device):
         pi_loss.backward()
         pi_opt.step()
         sched.step()
-        with torch.no_grad():
-            for t, p in zip([*q1t.parameters(), *q2t.parameters()], [*q1.parameters(), *q2.parameters()], strict=True):
-                t.data.copy_(0.995 * t.data + 0.005 * p.data)
+        polyak([q1t, q2t], [q1, q2])
         return {"v": v_loss.item(), "q": q_loss.item(), "pi": pi_loss.item()}  # logged every step
 
     return step
@@ -173,9 +179,7 @@ def baseline_cql(data, o, a, device, n=10):
         q_opt.zero_grad()
         q_loss.backward()
         q_opt.step()
-        with torch.no_grad():
-            for t, p in zip([*q1t.parameters(), *q2t.parameters()], [*q1.parameters(), *q2.parameters()], strict=True):
-                t.data.copy_(0.995 * t.data + 0.005 * p.data)
+        polyak([q1t, q2t], [q1, q2])
         return {"q": q_loss.item(), "pi": pi_loss.item(), "alpha": alpha.item()}  # logged every step
 
     return step
