@@ -20,6 +20,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -37,7 +38,7 @@ import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from common import BatchedLinear, seed_everything, soft_update
+from common import BatchedLinear, get_rng_states, seed_everything, set_rng_states, soft_update
 
 with contextlib.redirect_stderr(io.StringIO()):  # registers PointMaze, AntMaze, Adroit, ...; hides its notice
     import gymnasium_robotics  # that Adroit v1 dense rewards changed in gymnasium-robotics 1.2.1
@@ -113,6 +114,40 @@ class Args:
 
 class UserError(Exception):
     """A mistake in the input: printed as one paragraph, exit code 2, no traceback."""
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM outside the teacher's training steps: unwinds (removing any partial dataset), then the
+    script exits with 128 + signum. A BaseException, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+TRAINING_STATE = "teacher_training.pt"  # what --resume reads; not an actor checkpoint for --policy checkpoint
+RESUME_HINT = {"text": ""}  # how to go on after an interruption, set once a teacher run folder exists
+
+
+class StopSignal:
+    """SIGINT/SIGTERM handler. While `deferred` (inside the teacher's training loop) it only records the
+    signal, so the current env/gradient step finishes and a checkpoint is written; elsewhere it raises
+    Interrupted at once."""
+
+    def __init__(self):
+        self.signum, self.deferred = None, False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+
+
+STOP = StopSignal()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -446,9 +481,100 @@ def make_sac_update(actor, critic, target_critic, log_alpha, actor_opt, critic_o
     return update
 
 
-def train_teacher(env: gym.Env, args: Args, device: torch.device) -> tuple:
+def to_tensors(x):
+    """Observations (arrays, or dicts of arrays) -> tensors, for a weights_only checkpoint."""
+    if isinstance(x, dict):
+        return {k: to_tensors(v) for k, v in x.items()}
+    return torch.from_numpy(np.array(x))
+
+
+def to_arrays(x):
+    if isinstance(x, dict):
+        return {k: to_arrays(v) for k, v in x.items()}
+    return x.numpy()
+
+
+def unstack(observations) -> list:
+    """stack's inverse: (T+1, ...) arrays or dicts of them -> a list of T+1 observations."""
+    if isinstance(observations, dict):
+        parts = {k: unstack(v) for k, v in observations.items()}
+        return [dict(zip(parts, values, strict=True)) for values in zip(*parts.values(), strict=True)]
+    return list(observations)
+
+
+def recorder_state(recorder: "EpisodeRecorder") -> dict:
+    return {
+        "seed": -1 if recorder.seed is None else int(recorder.seed),
+        "observations": [to_tensors(o) for o in recorder.observations],
+        "actions": [torch.from_numpy(np.array(a)) for a in recorder.actions],
+        "rewards": [float(r) for r in recorder.rewards],
+        "terminations": [bool(t) for t in recorder.terminations],
+        "truncations": [bool(t) for t in recorder.truncations],
+    }
+
+
+def load_recorder(state: dict) -> "EpisodeRecorder":
+    recorder = EpisodeRecorder(to_arrays(state["observations"][0]), None if state["seed"] < 0 else state["seed"])
+    recorder.observations = [to_arrays(o) for o in state["observations"]]
+    recorder.actions = [a.numpy() for a in state["actions"]]
+    recorder.rewards, recorder.terminations = list(state["rewards"]), list(state["terminations"])
+    recorder.truncations = list(state["truncations"])
+    return recorder
+
+
+def episode_state(ep: EpisodeBuffer) -> dict:
+    recorder = EpisodeRecorder(None, ep.seed)
+    recorder.observations, recorder.actions = unstack(ep.observations), list(ep.actions)
+    recorder.rewards, recorder.terminations = list(ep.rewards), list(ep.terminations)
+    recorder.truncations = list(ep.truncations)
+    return recorder_state(recorder)
+
+
+def time_limit(env: gym.Env):
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            return env
+        env = env.env
+    return None
+
+
+def env_snapshot(env: gym.Env) -> dict | None:
+    """The env's full state where it is known to be a few numbers: the classic-control envs (Pendulum,
+    MountainCarContinuous), whose dynamics state is `unwrapped.state` and whose only randomness is np_random.
+    Other envs (MuJoCo, robotics) return None: their in-progress episode is dropped on --resume."""
+    u, limit = env.unwrapped, time_limit(env)
+    if not type(u).__module__.startswith("gymnasium.envs.classic_control") or limit is None:
+        return None
+    if not isinstance(getattr(u, "state", None), np.ndarray):
+        return None
+    return {
+        "state": torch.from_numpy(u.state.copy()),
+        "np_random": json.dumps(u.np_random.bit_generator.state),
+        "elapsed_steps": int(limit._elapsed_steps),
+    }
+
+
+def restore_env(env: gym.Env, snapshot: dict) -> None:
+    env.reset()  # OrderEnforcing and PassiveEnvChecker want a reset first; everything it changed is then set
+    u = env.unwrapped
+    u.state = snapshot["state"].numpy().copy()
+    u.np_random.bit_generator.state = json.loads(snapshot["np_random"])
+    time_limit(env)._elapsed_steps = snapshot["elapsed_steps"]
+
+
+def resume_seed(seed: int, step: int) -> int:
+    """Reset seed of the episode that restarts an env whose interrupted episode could not be saved."""
+    return int(np.random.SeedSequence([seed, 3, step]).generate_state(1)[0])
+
+
+def train_teacher(env: gym.Env, args: Args, device: torch.device, run_dir: Path, state: dict | None = None):
     """Online SAC for args.teacher_steps env steps. Returns the actor, every complete training episode as an
-    EpisodeBuffer (the "replay" data; an episode cut by the end of training is dropped), and their returns."""
+    EpisodeBuffer (the "replay" data; an episode cut by the end of training is dropped), and their returns.
+    Writes <run_dir>/teacher_training.pt every --checkpoint-every steps, at the end, and on SIGINT/SIGTERM
+    (then exits 128 + signum); `state` (such a checkpoint) continues from it: networks, optimizers, replay
+    buffer, recorded episodes and every random stream, and for classic-control envs the env and its
+    unfinished episode too, so the result is the uninterrupted run's. Other envs restart the interrupted
+    episode with reset seed resume_seed(seed, step), so the run goes on validly but not identically."""
     obs_space, act_space = env.observation_space, env.action_space
     obs_dim, act_dim = gym.spaces.flatdim(obs_space), act_space.shape[0]
     actor = SACActor(obs_dim, act_dim, args.hidden_dim, args.n_hidden).to(device)
@@ -461,6 +587,8 @@ def train_teacher(env: gym.Env, args: Args, device: torch.device) -> tuple:
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.critic_lr)
     update = make_sac_update(actor, critic, target_critic, log_alpha, actor_opt, critic_opt, alpha_opt, args, act_dim)
+    modules = {"actor": actor, "critic": critic, "target_critic": target_critic}
+    modules |= {"actor_opt": actor_opt, "critic_opt": critic_opt, "alpha_opt": alpha_opt}
 
     # Replay buffer in [-1, 1] action units; `dones` holds terminations only (truncations keep bootstrapping)
     size = min(args.buffer_size, args.teacher_steps)
@@ -473,32 +601,101 @@ def train_teacher(env: gym.Env, args: Args, device: torch.device) -> tuple:
     }
     rng = np.random.default_rng(args.seed)
     low, high = act_space.low, act_space.high
-    obs, _ = env.reset(seed=args.seed)
-    recorder, episodes, returns = EpisodeRecorder(obs, args.seed), [], []
-    pbar = tqdm(range(args.teacher_steps), desc="SAC teacher")
-    for step in pbar:
-        if step < args.learning_starts:
-            a = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
+    start = 0
+    if state is None:
+        obs, _ = env.reset(seed=args.seed)
+        recorder, episodes, returns = EpisodeRecorder(obs, args.seed), [], []
+    else:
+        start = state["step"]
+        for name, obj in modules.items():
+            obj.load_state_dict(state[name])
+        with torch.no_grad():
+            log_alpha.copy_(state["log_alpha"])
+        filled = min(start, size)
+        for k in buf:
+            buf[k][:filled] = state["buffer"][k].numpy()
+        episodes = [load_recorder(e).finish() for e in state["episodes"]]
+        returns = [float(np.sum(ep.rewards)) for ep in episodes]
+        rng.bit_generator.state = json.loads(state["rng_actions"])
+        set_rng_states(state["rng"], torch.Generator())
+        if state["env"] is not None:
+            restore_env(env, state["env"])
+            recorder = load_recorder(state["recorder"])
+            obs = recorder.observations[-1]
         else:
-            with torch.no_grad():
-                a = actor.sample(torch.as_tensor(flatten(obs_space, obs), device=device))[0].cpu().numpy()
-        action = (low + (a + 1.0) * 0.5 * (high - low)).astype(act_space.dtype)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        i = step % size
-        buf["obs"][i], buf["actions"][i], buf["rewards"][i] = flatten(obs_space, obs), a, reward
-        buf["next_obs"][i], buf["dones"][i] = flatten(obs_space, next_obs), float(terminated)
-        recorder.add(action, next_obs, reward, terminated, truncated)
-        obs = next_obs
-        if terminated or truncated:
-            episodes.append(recorder.finish())
-            returns.append(float(np.sum(episodes[-1].rewards)))
-            pbar.set_postfix(episodes=len(returns), last_return=f"{returns[-1]:.1f}")
-            obs, _ = env.reset()
-            recorder = EpisodeRecorder(obs)
+            seed = resume_seed(args.seed, start)
+            obs, _ = env.reset(seed=seed)
+            recorder = EpisodeRecorder(obs, seed)
+            print(
+                f"note: env {env.spec.id} cannot be saved mid-episode; its interrupted episode restarts (seed {seed})"
+            )
 
-        if step >= args.learning_starts:
-            idx = rng.integers(0, min(step + 1, size), args.batch_size)
-            update(*(torch.as_tensor(v[idx], device=device) for v in buf.values()))
+    def checkpoint(step: int) -> None:
+        """Everything after `step` env steps, written atomically: torch.load(weights_only=True) reads it."""
+        snapshot = env_snapshot(env)
+        ckpt = {
+            "algo": ALGO + "-training",
+            "step": step,
+            "args": dataclasses.asdict(args),
+            "argv": RESUME_HINT.get("argv", []),
+            "dataset_id": RESUME_HINT.get("dataset_id"),
+            **{name: obj.state_dict() for name, obj in modules.items()},
+            "log_alpha": log_alpha.detach().cpu(),
+            "buffer": {k: torch.from_numpy(v[: min(step, size)].copy()) for k, v in buf.items()},
+            "episodes": [episode_state(ep) for ep in episodes],
+            "env": snapshot,
+            "recorder": recorder_state(recorder) if snapshot is not None else None,
+            "rng_actions": json.dumps(rng.bit_generator.state),
+            "rng": get_rng_states(torch.Generator()),
+        }
+        data = io.BytesIO()
+        torch.save(ckpt, data)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_dir / TRAINING_STATE, data.getvalue())
+        except OSError as e:
+            tqdm.write(f"warning: teacher checkpoint at step {step} not written ({e}); the previous one is kept")
+
+    pbar = tqdm(range(start, args.teacher_steps), initial=start, total=args.teacher_steps, desc="SAC teacher")
+    STOP.deferred = True
+    try:
+        for step in pbar:
+            if step < args.learning_starts:
+                a = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
+            else:
+                with torch.no_grad():
+                    a = actor.sample(torch.as_tensor(flatten(obs_space, obs), device=device))[0].cpu().numpy()
+            action = (low + (a + 1.0) * 0.5 * (high - low)).astype(act_space.dtype)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            i = step % size
+            buf["obs"][i], buf["actions"][i], buf["rewards"][i] = flatten(obs_space, obs), a, reward
+            buf["next_obs"][i], buf["dones"][i] = flatten(obs_space, next_obs), float(terminated)
+            recorder.add(action, next_obs, reward, terminated, truncated)
+            obs = next_obs
+            if terminated or truncated:
+                episodes.append(recorder.finish())
+                returns.append(float(np.sum(episodes[-1].rewards)))
+                pbar.set_postfix(episodes=len(returns), last_return=f"{returns[-1]:.1f}")
+                obs, _ = env.reset()
+                recorder = EpisodeRecorder(obs)
+
+            if step >= args.learning_starts:
+                idx = rng.integers(0, min(step + 1, size), args.batch_size)
+                update(*(torch.as_tensor(v[idx], device=device) for v in buf.values()))
+
+            done = step + 1
+            if STOP.signum is not None or done % args.checkpoint_every == 0 or done == args.teacher_steps:
+                checkpoint(done)
+            if STOP.signum is not None:
+                pbar.close()
+                print(
+                    f"\ninterrupted at teacher step {done}/{args.teacher_steps}; checkpoint saved in "
+                    f"{run_dir / TRAINING_STATE}. Resume with: python collect.py --resume {run_dir}",
+                    flush=True,
+                )
+                sys.exit(128 + STOP.signum)
+    finally:
+        STOP.deferred = False
     return actor.eval(), episodes, np.array(returns)
 
 
@@ -518,6 +715,7 @@ def validate(args: Args) -> None:
         (min(args.actor_lr, args.critic_lr) > 0, "learning rates must be > 0"),
         (args.hidden_dim > 0 and args.n_hidden >= 1, "hidden_dim must be > 0 and n_hidden >= 1"),
         (args.threads >= 1, "threads must be >= 1"),
+        (args.checkpoint_every > 0, "checkpoint_every must be > 0"),
     ]
     errors = [msg for ok, msg in checks if not ok]
     if args.policy == "checkpoint" and not args.checkpoint:
@@ -599,12 +797,13 @@ def write_dataset(dataset_id, episodes, env, ref, algorithm_name, description, o
     """create_dataset_from_buffers with the env spec as collection and evaluation env; a failed write leaves no
     half-written dataset behind."""
     path = minari.storage.get_dataset_path(dataset_id)
+    backup = path.with_name(f".{path.name}.replaced-{os.getpid()}")  # hidden: Minari's listing skips it
     if overwrite and path.exists():
-        minari.delete_dataset(dataset_id)
+        path.rename(backup)  # the old dataset stays whole until the new one is complete
     try:
         with warnings.catch_warnings():  # author / email / code permalink are optional metadata
             warnings.simplefilter("ignore")
-            return minari.create_dataset_from_buffers(
+            dataset = minari.create_dataset_from_buffers(
                 dataset_id,
                 episodes,
                 env=env,
@@ -615,9 +814,17 @@ def write_dataset(dataset_id, episodes, env, ref, algorithm_name, description, o
                 ref_max_score=ref[1],
                 num_episodes_average_score=ref[2],
             )
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+    except BaseException:  # including an interruption (Interrupted, KeyboardInterrupt): no partial dataset
+        STOP.deferred = True  # a second signal must not cut the clean-up short
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            if backup.exists():
+                backup.rename(path)
+        finally:
+            STOP.deferred = False
         raise
+    shutil.rmtree(backup, ignore_errors=True)
+    return dataset
 
 
 def pick_device(name: str) -> torch.device:
@@ -631,9 +838,36 @@ def pick_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------
+def load_training_state(args: Args, argv: list) -> tuple:
+    """--resume: the run folder, its checkpoint and the run's own arguments (only --device may change)."""
+    path = Path(args.resume)
+    path = path / TRAINING_STATE if path.is_dir() else path
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = Args(**ckpt["args"])
+    except Exception as e:
+        raise UserError(
+            f"--resume {args.resume}: not a collect.py --policy sac run folder with a readable {TRAINING_STATE} "
+            f"({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    if ckpt.get("algo") != ALGO + "-training":
+        raise UserError(f"--resume {args.resume}: {path} is not a collect.py teacher training checkpoint")
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")} - {"resume", "device"}
+    if given:
+        flags = ", ".join("--" + g.replace("_", "-") for g in sorted(given))
+        raise UserError(f"a resumed run keeps its arguments; only --device may be given with --resume, not {flags}")
+    return dataclasses.replace(saved, resume=args.resume, device=args.device), ckpt, path.parent
+
+
 def main(argv: list) -> minari.MinariDataset:
     args = tyro.cli(Args, args=argv, description=__doc__)
+    state, run_dir = None, None
+    if args.resume:
+        args, state, run_dir = load_training_state(args, argv)
+        argv = state["argv"]  # the dataset's description quotes the original command
     validate(args)
+    if args.resume is None and args.policy != "sac" and args.checkpoint_every != Args.checkpoint_every:
+        raise UserError("--checkpoint-every is for --policy sac (the teacher's training)")
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint) if args.policy == "checkpoint" else None
@@ -644,6 +878,9 @@ def main(argv: list) -> minari.MinariDataset:
     policy_name = f"sac-{args.sac_data}" if args.policy == "sac" else args.policy
     dataset_id = args.dataset_id or f"local/{env_name}/{policy_name}-v0"
     check_dataset_id(dataset_id, args.overwrite)
+    if args.policy == "sac":
+        run_dir = run_dir or Path(args.output) / f"{env.spec.id}__{ALGO}__{args.seed}__{int(time.time())}"
+        RESUME_HINT.update(argv=list(argv), dataset_id=dataset_id)
 
     # TRY NOT TO MODIFY: seeding
     seed_everything(args.seed)
@@ -662,10 +899,12 @@ def main(argv: list) -> minari.MinariDataset:
         best = checkpoint_policy(ckpt, env, device)
         source = f"{ckpt['algo']} checkpoint {checkpoint_path(args.checkpoint)}"
     elif args.policy == "sac":
-        run_dir = Path(args.output) / f"{env.spec.id}__{ALGO}__{args.seed}__{int(time.time())}"
         t0 = time.time()
-        actor, replay, train_returns = train_teacher(env, args, device)
-        teacher = save_teacher(run_dir, actor, env, args, dataset_id, train_returns)
+        actor, replay, train_returns = train_teacher(env, args, device, run_dir, state)
+        teacher = save_teacher(run_dir, actor, env, dataclasses.replace(args, resume=None), dataset_id, train_returns)
+        RESUME_HINT["text"] = (
+            f"The teacher is trained: python collect.py --resume {run_dir} records the dataset without training."
+        )
         best = checkpoint_policy(teacher, env, device)  # acts exactly as a later --policy checkpoint will
         print(f"SAC teacher: {args.teacher_steps} steps in {time.time() - t0:.0f} s, saved {run_dir / 'teacher.pt'}")
         source = f"SAC teacher ({args.teacher_steps} steps, {run_dir / 'teacher.pt'})"
@@ -728,8 +967,14 @@ def main(argv: list) -> minari.MinariDataset:
 
 
 if __name__ == "__main__":
+    STOP.install()  # SIGINT/SIGTERM: a checkpoint mid-training, no partial dataset ever (see StopSignal)
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        hint = RESUME_HINT["text"] or "Nothing was saved; run the same command again."
+        print(f"\ninterrupted ({name}); no dataset was written. {hint}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)

@@ -97,11 +97,20 @@ def test_script_copied_alone_with_common_runs_with_defaults(algo, pendulum, tmp_
     assert "config: none (defaults)" in result.stdout
 
 
-def test_capture_video_explains_when_the_env_cannot_render(algo, pendulum, tmp_path):
-    result = run_script(algo, "--env", pendulum, *FAST, *small(algo), "--capture-video", "--output", tmp_path)
+def test_capture_video_records_a_mujoco_episode_or_explains_why_not(algo, door, pendulum, tmp_path):
+    from PIL import Image
+
+    result = run_script(algo, "--env", door, *FAST, *small(algo), "--capture-video", "--output", tmp_path / "door")
     assert result.returncode == 0, result.stdout + result.stderr
-    videos = list(run_dir_of(tmp_path).glob("videos/*.gif"))
-    assert videos or "--capture-video: this env cannot render here" in result.stdout + result.stderr
+    gifs = sorted(run_dir_of(tmp_path / "door").glob("videos/step_*.gif"))
+    if gifs:  # MuJoCo rendered offscreen (EGL/OSMesa): one GIF per evaluation, T + 1 frames of a 50-step episode
+        assert [g.name for g in gifs] == ["step_200.gif", "step_400.gif"]
+        assert Image.open(gifs[0]).n_frames == 51
+    else:
+        assert "--capture-video: this env cannot render here" in result.stdout + result.stderr
+    # Pendulum renders through pygame, which is not a dependency: the run goes on and says why
+    result = run_script(algo, "--env", pendulum, *FAST, *small(algo), "--capture-video", "--output", tmp_path / "p")
+    assert result.returncode == 0 and "--capture-video: this env cannot render here" in result.stdout + result.stderr
 
 
 # ---- determinism and resume -----------------------------------------------------------------------------
