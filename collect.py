@@ -110,6 +110,12 @@ class Args:
     """width of the actor and critic MLPs"""
     n_hidden: int = 2
     """hidden layers of the actor and critic MLPs"""
+    checkpoint_every: int = 1000
+    """--policy sac: write <run>/teacher_training.pt (everything --resume needs) every this many teacher steps,
+    at the end of training and on SIGINT/SIGTERM"""
+    resume: str | None = None
+    """continue an interrupted --policy sac run from its run folder (or teacher_training.pt): the teacher's
+    training, then the dataset, as the uninterrupted run would have made them; only --device may be given too"""
 
 
 class UserError(Exception):
@@ -912,6 +918,7 @@ def main(argv: list) -> minari.MinariDataset:
             episodes += replay
     if args.policy != "sac" or args.sac_data in ("final", "both"):
         behaviour = Behaviour(env, best, args.action_noise, args.epsilon, seed=args.seed)
+        print(f"recording {args.episodes} episodes of {env.spec.id}", flush=True)
         new, _ = rollout(env, behaviour, episode_seeds(args.seed, 0, args.episodes), desc="recording")
         episodes += new
     if not episodes:

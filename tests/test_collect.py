@@ -3,14 +3,19 @@ observations, termination/truncation flags, reference scores and evaluation env;
 and collect.py act as their own scripts do; the SAC teacher learns; the README quickstart runs end to end."""
 
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import gymnasium as gym
 import minari
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import collect
 import cql
@@ -295,3 +300,99 @@ def test_a_user_error_exits_with_code_2_and_one_paragraph(minari_root, run):
     assert result.returncode == 2
     assert result.stderr.startswith("error: env CartPole-v1 has a Discrete action space")
     assert result.stderr.strip().count("\n") == 0  # one paragraph: no traceback, no library notices
+
+
+# ---- interruption: SIGINT/SIGTERM, --resume, no partial datasets -------------------------------------------
+def start_collect(*argv) -> subprocess.Popen:
+    """collect.py in a subprocess whose merged output the test reads while it runs."""
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "collect.py"), *map(str, argv)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigint_mid_training_checkpoints_and_resume_makes_the_uninterrupted_dataset(minari_root, tmp_path):
+    """SIGINT after the first periodic teacher checkpoint: exit 130 with a resume hint; --resume finishes the
+    training and records a dataset identical to an uninterrupted run's (Pendulum's state is saved exactly)."""
+    argv = [
+        "--env", "Pendulum-v1", "--policy", "sac", "--sac-data", "both", "--teacher-steps", 1500,
+        "--learning-starts", 100, "--batch-size", 32, "--hidden-dim", 16, "--max-episode-steps", 50,
+        "--episodes", 2, "--ref-episodes", 1, "--checkpoint-every", 100,
+    ]  # fmt: skip
+    proc = start_collect(*argv, "--dataset-id", "collect/pendulum/resumed-v0", "--output", tmp_path / "resumed")
+    deadline = time.time() + 120
+    while not list((tmp_path / "resumed").glob("*/teacher_training.pt")):
+        assert proc.poll() is None and time.time() < deadline, "training never wrote its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    run_dir = next((tmp_path / "resumed").glob("Pendulum-v1__collect-sac__*"))
+    assert f"python collect.py --resume {run_dir}" in output
+    ckpt = torch.load(run_dir / "teacher_training.pt", weights_only=True)
+    assert 100 <= ckpt["step"] < 1500 and len(ckpt["buffer"]["obs"]) == ckpt["step"]
+    assert "collect/pendulum/resumed-v0" not in minari.list_local_datasets()
+
+    result = run_script("collect.py", "--resume", run_dir, timeout=240, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    resumed = minari.load_dataset("collect/pendulum/resumed-v0")
+    assert resumed.total_episodes == 1500 // 50 + 2 and (run_dir / "teacher.pt").is_file()
+    assert_flags_end_each_episode(resumed)
+
+    uninterrupted = record(*argv, "--dataset-id", "collect/pendulum/uninterrupted-v0", "--output", tmp_path / "u")
+    for x, y in zip(episodes(uninterrupted), episodes(resumed), strict=True):
+        np.testing.assert_array_equal(x.observations, y.observations)
+        np.testing.assert_array_equal(x.actions, y.actions)
+        np.testing.assert_array_equal(x.rewards, y.rewards)
+
+
+def test_resume_refuses_other_flags_and_non_checkpoints(minari_root, tmp_path):
+    with pytest.raises(collect.UserError, match="not a collect.py --policy sac run folder"):
+        record("--resume", tmp_path)
+    torch.save({"algo": "collect-sac-training", "args": {}}, tmp_path / "teacher_training.pt")
+    with pytest.raises(collect.UserError, match="only --device may be given"):
+        record("--resume", tmp_path, "--episodes", 3)
+
+
+def test_sigint_while_recording_leaves_no_dataset_and_a_rerun_needs_no_overwrite(minari_root):
+    dataset_id = "collect/pendulum/interrupted-v0"
+    proc = start_collect("--env", "Pendulum-v1", "--episodes", 100_000, "--ref-episodes", 1, "--dataset-id", dataset_id)
+    for line in proc.stdout:
+        if "recording 100000 episodes" in line:
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "interrupted (SIGINT); no dataset was written" in output
+    assert dataset_id not in minari.list_local_datasets()
+    assert not minari.storage.get_dataset_path(dataset_id).exists()
+    assert record("--env", "Pendulum-v1", "--episodes", 1, "--ref-episodes", 1, "--dataset-id", dataset_id)
+
+
+def test_interruption_while_writing_removes_the_partial_dataset_and_keeps_the_replaced_one(minari_root, monkeypatch):
+    argv = ["--env", "Pendulum-v1", "--max-episode-steps", 5, "--ref-episodes", 1]
+    argv += ["--dataset-id", "collect/pendulum/cut-write-v0"]
+    path = minari.storage.get_dataset_path("collect/pendulum/cut-write-v0")
+    create = minari.create_dataset_from_buffers
+
+    def create_then_interrupt(*a, **k):
+        create(*a, **k)  # the whole dataset is on disk: the signal arrives just before it would be kept
+        raise collect.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", create_then_interrupt)
+    with pytest.raises(collect.Interrupted):
+        record(*argv, "--episodes", 2)
+    assert not path.exists()
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", create)
+    record(*argv, "--episodes", 2)
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", create_then_interrupt)
+    with pytest.raises(collect.Interrupted):
+        record(*argv, "--episodes", 3, "--overwrite")
+    assert minari.load_dataset("collect/pendulum/cut-write-v0").total_episodes == 2  # the old one, whole
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir())
