@@ -63,6 +63,12 @@ def mlp(i, o, hidden=256, n_hidden=2):
     return nn.Sequential(*layers, nn.Linear(d, o))
 
 
+def sgd_step(optimizer, loss, retain_graph=False):
+    optimizer.zero_grad()
+    loss.backward(retain_graph=retain_graph)
+    optimizer.step()
+
+
 @torch.no_grad()
 def polyak(targets, sources, tau=0.005):
     """A parameter-by-parameter Python loop, as in most implementations."""
@@ -109,20 +115,14 @@ def baseline_iql(data, o, a, device):
             next_v = v(s2).squeeze(-1)
         adv = tq - v(s).squeeze(-1)
         v_loss = (torch.abs(0.7 - (adv < 0).float()) * adv**2).mean()
-        v_opt.zero_grad()
-        v_loss.backward()
-        v_opt.step()
+        sgd_step(v_opt, v_loss)
         target = r + 0.99 * (1 - d) * next_v
         x = torch.cat([s, act], 1)
         q_loss = F.mse_loss(q1(x).squeeze(-1), target) + F.mse_loss(q2(x).squeeze(-1), target)
-        q_opt.zero_grad()
-        q_loss.backward()
-        q_opt.step()
+        sgd_step(q_opt, q_loss)
         w = torch.exp(3.0 * adv.detach()).clamp(max=100.0)
         pi_loss = -(w * actor.log_prob(s, act)).mean()
-        pi_opt.zero_grad()
-        pi_loss.backward()
-        pi_opt.step()
+        sgd_step(pi_opt, pi_loss)
         sched.step()
         polyak([q1t, q2t], [q1, q2])
         return {"v": v_loss.item(), "q": q_loss.item(), "pi": pi_loss.item()}  # logged every step
@@ -170,15 +170,9 @@ def baseline_cql(data, o, a, device, n=10):
             )
             penalty = penalty + 10.0 * (torch.logsumexp(cat, 1).mean() - pred.mean())
         q_loss = td + penalty
-        a_opt.zero_grad()
-        alpha_loss.backward()
-        a_opt.step()
-        pi_opt.zero_grad()
-        pi_loss.backward(retain_graph=True)
-        pi_opt.step()
-        q_opt.zero_grad()
-        q_loss.backward()
-        q_opt.step()
+        sgd_step(a_opt, alpha_loss)
+        sgd_step(pi_opt, pi_loss, retain_graph=True)
+        sgd_step(q_opt, q_loss)
         polyak([q1t, q2t], [q1, q2])
         return {"q": q_loss.item(), "pi": pi_loss.item(), "alpha": alpha.item()}  # logged every step
 

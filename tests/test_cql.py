@@ -450,21 +450,3 @@ def test_tensorboard_has_the_cql_diagnostics(pendulum, run, tmp_path):
     for name in ("q_data", "q_random", "q_policy", "cql_penalty", "cql_gap", "alpha", "alpha_prime", "td_loss"):
         assert f"losses/{name}" in tags
     assert [e.step for e in events.Scalars("losses/cql_penalty")] == [10, 20, 30, 40]
-
-
-# ---- learning -------------------------------------------------------------------------------------------
-def test_cql_learns_to_beat_random_and_reach_the_behaviour_policy(inverted_pendulum, run, tmp_path):
-    """Noisy balancing controller data (behaviour mean ~160, random ~5): CQL, held near the data by its penalty,
-    recovers the controller's mean action and beats the noisy behaviour. Measured: return 1000 (the episode
-    limit) from step 500 on, for seeds 0-3; the run lasts 1500 steps, ~40 s on one CPU thread."""
-    result = run(
-        "cql.py", "--env", inverted_pendulum["id"], "--total-steps", "1500", "--eval-every", "500",
-        "--hidden-dim", "64", "--actor-lr", "3e-4", "--output", tmp_path, "--seed", "0",
-        env={"OMP_NUM_THREADS": "1"},  # small networks: one thread is as fast, and immune to a busy machine
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
-    final = summary["final_return"]
-    print(f"CQL final return {final:.1f}, behaviour {inverted_pendulum['behaviour_return']:.1f}, random ~5")
-    assert final > 10 * 5.0  # clearly better than random
-    assert final >= inverted_pendulum["behaviour_return"]
