@@ -1,12 +1,16 @@
 """Small tensor helpers shared by iql.py and cql.py.
 
 Only code that is the same in both algorithms and carries no algorithm logic lives here: the batched
-("ensemble") layers that let twin critics run as one matmul, Polyak averaging, and RNG seeding/state.
-Data loading and evaluation are deliberately *not* here: each script stands alone (see README).
+("ensemble") layers that let twin critics run as one matmul, float32 output layers for --bf16, Polyak
+averaging, RNG seeding and state, and the atomic checkpoint write. Data loading and evaluation are
+deliberately *not* here: each script stands alone and shows its whole data path (see README).
 """
 
+import io
 import math
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,10 +19,11 @@ import torch.nn.functional as F
 
 
 class BatchedLinear(nn.Module):
-    """`n` independent linear layers evaluated as one batched matmul.
+    """`n` independent linear layers evaluated as one batched matmul: (n, B, in) -> (n, B, out).
 
-    Input (n, B, in) -> output (n, B, out); a 2-D input (B, in) is shared by all n members.
-    Twin critics built from these run both critics in a single kernel instead of two.
+    Twin critics built from these run both critics in one kernel per layer instead of two. A 2-D input
+    (B, in), shared by all members, is multiplied in one matmul against the members' weights side by side,
+    so the first layer needs no expanded (copied) input.
     """
 
     def __init__(self, n: int, in_features: int, out_features: int):
@@ -30,9 +35,28 @@ class BatchedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            x = x.expand(self.weight.shape[0], *x.shape)
+        if x.dim() == 2:  # (B, in) @ (in, n * out) -> (B, n, out) -> (n, B, out)
+            n, d_in, d_out = self.weight.shape
+            w = self.weight.permute(1, 0, 2).reshape(d_in, n * d_out)
+            return (x @ w).view(-1, n, d_out).transpose(0, 1) + self.bias
         return torch.baddbmm(self.bias, x, self.weight)
+
+
+class OutputLinear(nn.Linear):
+    """The last layer of a network, computed in float32 even under bf16 autocast: Q ~ +-100 would otherwise
+    come out in bfloat16, whose spacing at 100 is 0.5, as large as the advantages it is meant to resolve."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class BatchedOutputLinear(BatchedLinear):
+    """BatchedLinear as the last layer of twin critics: float32 under bf16 autocast, like OutputLinear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 class BatchedLayerNorm(nn.Module):
@@ -50,11 +74,8 @@ class BatchedLayerNorm(nn.Module):
 def orthogonal_init(module: nn.Module, gain: float = math.sqrt(2)) -> None:
     """Orthogonal weights (each ensemble member separately) and zero biases, as in the official IQL code."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.orthogonal_(m.weight, gain)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, BatchedLinear):
-            for w in m.weight.data:  # (in, out) per member
+        if isinstance(m, nn.Linear | BatchedLinear):
+            for w in m.weight.data.view(-1, *m.weight.shape[-2:]):  # one matrix, or one per member
                 nn.init.orthogonal_(w, gain)
             nn.init.zeros_(m.bias)
 
@@ -93,3 +114,27 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
     generator.set_state(states["sampler"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> None:
+    """checkpoints/step_<N>.pt and last.pt, each written to a temporary file, flushed and renamed, so a crash
+    or a full disk leaves the previous checkpoint intact; then only the last `keep` step files are kept.
+    A failed write warns and training goes on."""
+    ckpt_dir, buffer = run_dir / "checkpoints", io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for path in (ckpt_dir / f"step_{step}.pt", ckpt_dir / "last.pt"):
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(buffer.getbuffer())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem[5:]))[:-keep]:
+            old.unlink()
+    except OSError as e:
+        print(f"warning: checkpoint at step {step} not written ({e}); the previous one is kept")
