@@ -4,8 +4,8 @@ IQL learns a Q-function without ever querying actions outside the dataset: an ex
 V(s) towards Q(s, a) over dataset actions approximates a max over in-support actions, Q is trained by TD
 against V(s'), and the policy is extracted with advantage-weighted regression (AWR).
 Paper: "Offline Reinforcement Learning with Implicit Q-Learning", Ilya Kostrikov, Ashvin Nair, Sergey Levine,
-ICLR 2022, arXiv:2110.06169. Reading order: Args and the per-domain settings, networks, losses and the
-update, data, evaluation, then plumbing and the training loop. Usage and metrics: README.md, section "IQL".
+ICLR 2022, arXiv:2110.06169. Read on: Args and per-domain settings, networks, losses and the update (the
+algorithm), then data, evaluation, plumbing and the training loop. Usage and metrics: README.md, "IQL".
 """
 
 import dataclasses
@@ -87,8 +87,6 @@ class Args:
     """expectile tau of the value loss (0.5 = mean, -> 1 = max over dataset actions)"""
     beta: float = 3.0
     """inverse temperature of the AWR actor loss: weights exp(beta * advantage)"""
-    max_weight: float = 100.0
-    """clamp of the AWR weights exp(beta * advantage)"""
     actor_lr: float = 3e-4
     """actor learning rate (cosine-decayed to 0 unless --no-cosine-actor-lr)"""
     critic_lr: float = 3e-4
@@ -143,10 +141,8 @@ class TwinQ(nn.Module):
         super().__init__()
         layers, dim = [], obs_dim + act_dim
         for _ in range(n_hidden):
-            layers += [common.BatchedLinear(2, dim, hidden)] + (
-                [common.BatchedLayerNorm(2, hidden)] if layer_norm else []
-            )
-            layers += [nn.ReLU()]
+            norm = [common.BatchedLayerNorm(2, hidden)] if layer_norm else []
+            layers += [common.BatchedLinear(2, dim, hidden), *norm, nn.ReLU()]
             dim = hidden
         self.net = nn.Sequential(*layers, common.BatchedOutputLinear(2, dim, 1))
 
@@ -196,10 +192,8 @@ def make_optimizers(nets: dict, args: Args) -> dict:
     opts = {"actor_opt": adam(nets["actor"], args.actor_lr), "critic_opt": adam(nets["critic"], args.critic_lr)}
     opts["value_opt"] = adam(nets["value"], args.value_lr)
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.total_steps) / args.total_steps))  # noqa: E731
-    opts["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
-        opts["actor_opt"], cosine if args.cosine_actor_lr else lambda s: 1.0
-    )
-    return opts
+    schedule = cosine if args.cosine_actor_lr else lambda s: 1.0
+    return opts | {"scheduler": torch.optim.lr_scheduler.LambdaLR(opts["actor_opt"], schedule)}
 
 
 # -------- ALGO LOGIC: losses (paper equations) and the update step ----------------------------------------------------
@@ -215,7 +209,7 @@ def td_loss(q: torch.Tensor, rewards, dones, next_v, discount: float) -> torch.T
     return ((q - target) ** 2).mean(dim=1).sum()
 
 
-def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float = 100.0) -> torch.Tensor:
     """exp(beta * A(s, a)), clamped at max_weight (100 in the official code) against overflow."""
     return torch.exp(beta * advantage).clamp(max=max_weight)
 
@@ -242,7 +236,7 @@ def make_update(nets: dict, opts: dict, args: Args):
         with torch.no_grad():
             v, next_v = value(torch.cat([obs, next_obs])).squeeze(-1).chunk(2)
             advantage = target_q - v
-            weights = awr_weights(advantage, args.beta, args.max_weight)
+            weights = awr_weights(advantage, args.beta)
         actor_loss = awr_actor_loss(actor.log_prob(obs, actions), weights)
         opts["actor_opt"].zero_grad(set_to_none=True)
         actor_loss.backward()
@@ -256,15 +250,9 @@ def make_update(nets: dict, opts: dict, args: Args):
         opts["critic_opt"].step()
 
         common.soft_update(target_critic, critic, args.tau)
-        return {
-            "losses/value_loss": value_loss.detach(),
-            "losses/actor_loss": actor_loss.detach(),
-            "losses/critic_loss": critic_loss.detach(),
-            "losses/q_mean": q.detach().mean(),
-            "losses/v_mean": v.mean(),
-            "losses/advantage_mean": advantage.mean(),
-            "losses/awr_weight_mean": weights.mean(),
-        }
+        metrics = dict(value_loss=value_loss, actor_loss=actor_loss, critic_loss=critic_loss, q_mean=q.mean(),
+                       v_mean=v.mean(), advantage_mean=advantage.mean(), awr_weight_mean=weights.mean())  # fmt: skip
+        return {f"losses/{k}": x.detach() for k, x in metrics.items()}
 
     if args.bf16:  # hidden layers in bfloat16; output layers (common.OutputLinear) and the loss arithmetic in float32
         update = torch.autocast(next(critic.parameters()).device.type, torch.bfloat16)(update)
@@ -276,7 +264,7 @@ class UserError(Exception):
     """A mistake in the input: printed as one paragraph, exit code 2, no traceback."""
 
 
-# D4RL-style name -> Minari id. Each domain: (tasks, kinds, versions accepted, id template)
+# D4RL-style name -> Minari id, by domain (the keys of DOMAIN_SETTINGS): (tasks, kinds, versions, id template)
 DATASET_NAMES = {
     "adroit": ("pen|door|hammer|relocate", "human|cloned|expert", "012", "D4RL/{task}/{kind}-v2"),
     "antmaze": ("antmaze", "umaze|umaze-diverse|medium-play|medium-diverse|large-play|large-diverse", "012",
@@ -284,8 +272,9 @@ DATASET_NAMES = {
     "pointmaze": ("maze2d|pointmaze", "umaze|medium|large|open|umaze-dense|medium-dense|large-dense|open-dense",
                   "0-9", "D4RL/pointmaze/{kind}-v2"),
     "kitchen": ("kitchen", "complete|partial|mixed", "02", "D4RL/kitchen/{kind}-v2"),
-    "mujoco": ("halfcheetah|hopper|walker2d|ant|humanoid|invertedpendulum|inverteddoublependulum|pusher|reacher|"
-               "swimmer", "simple|medium|expert", "0", "mujoco/{task}/{kind}-v0"),
+    "locomotion": ("halfcheetah|hopper|walker2d", "simple|medium|expert", "0", "mujoco/{task}/{kind}-v0"),
+    "mujoco": ("ant|humanoid|invertedpendulum|inverteddoublependulum|pusher|reacher|swimmer", "simple|medium|expert",
+               "0", "mujoco/{task}/{kind}-v0"),
 }  # fmt: skip
 D4RL_LOCOMOTION = (
     r"(halfcheetah|hopper|walker2d|ant)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v\d"
@@ -300,8 +289,10 @@ def resolve_dataset_id(name: str) -> str:
         if m := re.fullmatch(rf"(?P<task>{tasks})-(?P<kind>{kinds})-v[{versions}]", name):
             return template.format(**m.groupdict())
     if m := re.fullmatch(D4RL_LOCOMOTION, name):
-        raise UserError(f"'{name}' is a D4RL locomotion dataset, which Minari does not host. Its own MuJoCo datasets "
-                        f"are the closest: mujoco/{m[1]}/simple-v0, medium-v0 and expert-v0 (or {m[1]}-medium-v0).")  # fmt: skip
+        raise UserError(
+            f"'{name}' is a D4RL locomotion dataset, which Minari does not host; its own MuJoCo "
+            f"datasets are closest: mujoco/{m[1]}/simple-v0, medium-v0, expert-v0 ({m[1]}-medium-v0)"
+        )
     known = [f"{task}-{kind}-{template[-2:]}" for tasks, kinds, _, template in DATASET_NAMES.values()
              for task in tasks.split("|") for kind in kinds.split("|")]  # fmt: skip
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
@@ -312,12 +303,10 @@ def resolve_dataset_id(name: str) -> str:
 
 
 def domain_of(dataset_id: str) -> str:
-    """The DOMAIN_SETTINGS key of a Minari id: adroit, antmaze, kitchen, pointmaze, locomotion (the three
-    tasks the official code scales rewards for), mujoco (Minari's other MuJoCo tasks) or other."""
-    if m := re.match(r"D4RL/(pen|door|hammer|relocate|antmaze|kitchen|pointmaze)/", dataset_id):
-        return "adroit" if m[1] in ("pen", "door", "hammer", "relocate") else m[1]
-    if dataset_id.startswith("mujoco/"):
-        return "locomotion" if dataset_id.split("/")[1] in ("halfcheetah", "hopper", "walker2d") else "mujoco"
+    """The DATASET_NAMES domain whose id template matches (D4RL/door/... -> adroit), or "other"."""
+    for domain, (tasks, _, _, template) in DATASET_NAMES.items():
+        if re.match(template.split("{kind}")[0].format(task=f"({tasks})"), dataset_id):
+            return domain
     return "other"
 
 
@@ -327,7 +316,7 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
         minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
     except ValueError:
         raise UserError(f"'{dataset_id}' is not a valid Minari dataset id: ids look like namespace/name-v<N> "
-                        "(D4RL/door/human-v2, mujoco/hopper/medium-v0, local/pendulum/random-v0).") from None  # fmt: skip
+                        "(D4RL/door/human-v2, mujoco/hopper/medium-v0, local/x/random-v0)") from None  # fmt: skip
     local = Path(minari.storage.get_dataset_path(dataset_id))
     try:
         return minari.load_dataset(dataset_id, download=True)
@@ -343,8 +332,10 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
 
 
 def damaged(local: Path, e: Exception) -> UserError:
-    return UserError(f"the local copy of the dataset at {local} is damaged ({type(e).__name__}: {str(e)[:200]}), as a "
-                     f"partial copy would be: delete the folder {local} and download or copy it again, whole.")  # fmt: skip
+    return UserError(
+        f"the local copy of the dataset at {local} is damaged ({type(e).__name__}: {str(e)[:200]}), "
+        f"as a partial copy would be: delete the folder {local} and download or copy it again."
+    )
 
 
 def flatten_into(space: gym.Space, obs, out: np.ndarray) -> int:
@@ -494,8 +485,8 @@ def record_video(dataset, policy: Policy, seed: int, path: Path) -> str | None:
         images = [Image.fromarray(f) for f in frames]
         images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // 30, loop=0)
     except Exception as e:
-        return (f"--capture-video: this env cannot render here ({type(e).__name__}: {str(e)[:200]}). MuJoCo envs "
-                "need an offscreen GL: MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU, apt install libosmesa6).")  # fmt: skip
+        return (f"--capture-video: this env cannot render here ({type(e).__name__}: {str(e)[:200]}). MuJoCo "
+                "envs need an offscreen GL: MUJOCO_GL=egl (GPU) or osmesa (CPU, apt install libosmesa6).")  # fmt: skip
 
 
 # -------- TRY NOT TO MODIFY: configuration, checkpoints, summary ------------------------------------------------------
@@ -549,7 +540,7 @@ def validate(args: Args) -> None:
     """Out-of-range hyperparameters fail here, before any data is loaded."""
     checks = [
         (args.total_steps > 0 and args.batch_size > 0, "total_steps and batch_size must be > 0"),
-        (0 < args.expectile < 1 and args.beta >= 0 and args.max_weight > 0, "expectile must be in (0, 1), beta >= 0"),
+        (0 < args.expectile < 1 and args.beta >= 0, "expectile must be in (0, 1) and beta >= 0"),
         (0 <= args.discount <= 1 and 0 < args.tau <= 1, "discount must be in [0, 1] and tau in (0, 1]"),
         (min(args.actor_lr, args.critic_lr, args.value_lr) > 0, "learning rates must be > 0"),
         (args.hidden_dim > 0 and args.n_hidden >= 1 and 0 <= args.actor_dropout < 1, "hidden_dim must be > 0, "
@@ -591,7 +582,8 @@ def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, 
                "seed": args.seed, "steps": step, "total_steps": args.total_steps, "completed": step == args.total_steps,
                "eval_episodes": args.eval_episodes, "wall_seconds": round(clock["wall"], 2),
                "sps": round(step / max(clock["train_seconds"], 1e-9), 2),
-               "final_normalized_score": scores[-1] if scores else None, "best_normalized_score": max(scores, default=None),
+               "final_normalized_score": scores[-1] if scores else None,
+               "best_normalized_score": max(scores, default=None),
                "final_return": returns[-1] if returns else None, "best_return": max(returns, default=None),
                "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
                "versions": {m: importlib.metadata.version(m) for m in ("torch", "minari", "gymnasium", "mujoco",
@@ -629,7 +621,8 @@ def main(argv: list) -> None:
     if ckpt is not None:  # a resumed run continues in its own folder
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent.parent
     else:
-        run_dir = Path(args.output) / (args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}")  # fmt: skip  # noqa: E501
+        name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.output) / name
         if (run_dir / "checkpoints" / "last.pt").exists():
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
     try:
@@ -700,8 +693,16 @@ def main(argv: list) -> None:
             check_finite(metrics, last_check, step)
             clock["wall"] = wall_before + time.time() - t_session
             state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()}
-            state.update(algo=ALGO, minari_id=dataset_id, step=step, args=dataclasses.asdict(args), clock=clock,
-                         rng=common.get_rng_states(buffer.generator), normalization=stats, eval_history=history)  # fmt: skip
+            state.update(
+                algo=ALGO,
+                minari_id=dataset_id,
+                step=step,
+                args=dataclasses.asdict(args),
+                clock=clock,
+                normalization=stats,
+                eval_history=history,
+                rng=common.get_rng_states(buffer.generator),
+            )
             common.save_checkpoint(run_dir, state, step, args.keep_checkpoints)
         t_window += time.time() - t_pause
         if stop:
