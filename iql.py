@@ -394,7 +394,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
             rows[0, t : t + T], t = np.arange(row, row + T), t + T
             returns.append(float(np.sum(ep.rewards, dtype=np.float64)))
     except OSError as e:  # h5py: a truncated or corrupt main_data.hdf5
-        raise damaged(Path(minari.storage.get_dataset_path(dataset.id)), e) from e
+        raise damaged(Path(dataset.storage.data_path).parent, e) from e
     rows[1] = rows[0] + 1
     steps[:, -2] = transform_rewards(steps[:, -2], np.array(returns), args.reward_transform)
     steps[:, :-2] = scale_actions(steps[:, :-2], low, high)
@@ -600,6 +600,8 @@ def main(argv: list) -> None:
     validate(args)
     device = pick_device(args.device)
     dataset_id = resolve_dataset_id(args.env)
+    if args.capture_video:  # MuJoCo renders offscreen through EGL unless told otherwise
+        os.environ.setdefault("MUJOCO_GL", "egl")
     common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
     torch.backends.cudnn.deterministic = True
 

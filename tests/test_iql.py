@@ -1,7 +1,7 @@
 """IQL's losses and data transforms against hand-computed values, and a learning test."""
 
+import copy
 import math
-from pathlib import Path
 
 import gymnasium as gym
 import minari
@@ -40,7 +40,7 @@ def test_expectile_regression_converges_to_the_expectile():
 
 def test_awr_weights_are_exp_beta_advantage_clamped_at_max_weight():
     adv = torch.tensor([0.0, 1.0, -1.0, 10.0])
-    w = iql.awr_weights(adv, beta=3.0, max_weight=100.0)
+    w = iql.awr_weights(adv, beta=3.0)  # the official code's clamp: 100
     torch.testing.assert_close(w, torch.tensor([1.0, math.exp(3.0), math.exp(-3.0), 100.0]))
 
 
@@ -103,12 +103,13 @@ def test_twin_q_is_two_independent_critics_of_the_same_depth():
     x = torch.cat([obs, act], -1)
     for i in range(2):  # member i alone, written out as a plain MLP
         h = x
-        linears = [m for m in critic.net if isinstance(m, iql.BatchedLinear)]
+        linears = [m for m in critic.net if isinstance(m, iql.common.BatchedLinear)]
         for j, layer in enumerate(linears):
             h = h @ layer.weight[i] + layer.bias[i]
             h = torch.relu(h) if j < len(linears) - 1 else h
         torch.testing.assert_close(q[i], h.squeeze(-1))
-    assert len([m for m in iql.TwinQ(3, 2, 16, 3, layer_norm=True).net if isinstance(m, iql.BatchedLayerNorm)]) == 3
+    layer_norms = [m for m in iql.TwinQ(3, 2, 16, 3, layer_norm=True).net if isinstance(m, iql.common.BatchedLayerNorm)]
+    assert len(layer_norms) == 3
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_twin_q_is_two_independent_critics_of_the_same_depth():
         ("pointmaze-open-dense-v2", "D4RL/pointmaze/open-dense-v2"),
         ("kitchen-mixed-v0", "D4RL/kitchen/mixed-v2"),
         ("hopper-medium-v0", "mujoco/hopper/medium-v0"),
-        ("halfcheetah-simple-v0", "mujoco/halfcheetah/simple-v0"),
+        ("humanoid-expert-v0", "mujoco/humanoid/expert-v0"),
         ("mujoco/walker2d/expert-v0", "mujoco/walker2d/expert-v0"),
         ("local/pendulum/random-v0", "local/pendulum/random-v0"),
     ],
@@ -134,7 +135,7 @@ def test_resolve_dataset_id_maps_d4rl_names_to_minari_ids(name, minari_id):
 
 
 def test_d4rl_locomotion_names_are_refused_with_the_minari_alternative():
-    with pytest.raises(iql.UserError, match="mujoco/halfcheetah/medium-v0"):
+    with pytest.raises(iql.UserError, match="mujoco/halfcheetah/simple-v0"):
         iql.resolve_dataset_id("halfcheetah-medium-replay-v2")
 
 
@@ -143,10 +144,20 @@ def test_unknown_dataset_name_suggests_close_matches():
         iql.resolve_dataset_id("door-humen-v2")
 
 
-def test_config_name_of_minari_ids():
-    assert iql.config_name("D4RL/door/human-v2") == "door-human-v2"
-    assert iql.config_name("mujoco/hopper/medium-v0") == "hopper-medium-v0"
-    assert iql.config_name("local/pendulum/random-v0") == ""
+@pytest.mark.parametrize(
+    "minari_id, domain",
+    [
+        ("D4RL/door/human-v2", "adroit"),
+        ("D4RL/antmaze/umaze-v1", "antmaze"),
+        ("D4RL/kitchen/mixed-v2", "kitchen"),
+        ("D4RL/pointmaze/open-v2", "pointmaze"),
+        ("mujoco/hopper/medium-v0", "locomotion"),  # the official code scales halfcheetah, hopper, walker2d only
+        ("mujoco/invertedpendulum/expert-v0", "mujoco"),
+        ("local/pendulum/random-v0", "other"),
+    ],
+)
+def test_domain_of_a_dataset_picks_its_row_of_the_settings_table(minari_id, domain):
+    assert iql.domain_of(minari_id) == domain
 
 
 def test_locomotion_rewards_are_scaled_to_a_return_spread_of_1000():
@@ -154,17 +165,17 @@ def test_locomotion_rewards_are_scaled_to_a_return_spread_of_1000():
     np.testing.assert_allclose(iql.transform_rewards(rewards, returns, "locomotion"), [50.0, 100.0])
 
 
+def test_locomotion_scaling_is_skipped_with_a_warning_when_every_return_is_the_same(capsys):
+    rewards = np.array([1.0, 2.0])
+    for returns in (np.array([1000.0]), np.array([1000.0, 1000.0, 1000.0 + 1e-4])):  # one episode; all at the cap
+        np.testing.assert_array_equal(iql.transform_rewards(rewards, returns, "locomotion"), rewards)
+        assert "rewards are left unscaled" in capsys.readouterr().out
+
+
 def test_antmaze_rewards_are_shifted_by_minus_one_and_others_untouched():
     rewards = np.array([0.0, 1.0])
     np.testing.assert_allclose(iql.transform_rewards(rewards, np.zeros(1), "antmaze"), [-1.0, 0.0])
     np.testing.assert_allclose(iql.transform_rewards(rewards, np.zeros(1), "none"), rewards)
-
-
-def test_reward_family_follows_the_dataset_namespace():
-    assert iql.reward_family("mujoco/hopper/medium-v0") == "locomotion"
-    assert iql.reward_family("D4RL/antmaze/umaze-v1") == "antmaze"
-    assert iql.reward_family("D4RL/door/human-v2") == "none"
-    assert iql.reward_family("D4RL/kitchen/mixed-v2") == "none"
 
 
 def test_actions_are_mapped_affinely_to_minus_one_one_and_clipped():
@@ -177,8 +188,9 @@ def test_policy_normalizes_observations_and_maps_actions_back_to_the_env_bounds(
     actor = iql.Actor(2, 1, 8, 1, dropout=0.0, deterministic=True)
     seen = []
     actor.forward = lambda obs: (seen.append(obs), torch.full((len(obs), 1), 0.5))[1]
-    policy = iql.Policy(actor, np.array([1.0, 2.0]), np.array([2.0, 4.0]), np.array([-2.0]), np.array([2.0]), "cpu")
-    action = policy(np.array([[3.0, 6.0]]))
+    stats = {"obs_mean": torch.tensor([1.0, 2.0]), "obs_std": torch.tensor([2.0, 4.0]),
+             "action_low": torch.tensor([-2.0]), "action_high": torch.tensor([2.0])}  # fmt: skip
+    action = iql.Policy(actor, stats, "cpu")(np.array([[3.0, 6.0]]))
     torch.testing.assert_close(seen[0], torch.tensor([[1.0, 1.0]]))  # (obs - mean) / std
     np.testing.assert_allclose(action, [[1.0]])  # 0.5 in [-1, 1] is 1.0 in [-2, 2]
 
@@ -187,14 +199,16 @@ def test_dict_observations_are_flattened_in_gymnasiums_flatten_order():
     space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (3,)), "achieved_goal": gym.spaces.Box(-1, 1, (2,))})
     samples = [space.sample() for _ in range(4)]
     stacked = {k: np.stack([s[k] for s in samples]) for k in space.spaces}
-    expected = np.stack([gym.spaces.flatten(space, s) for s in samples])
-    np.testing.assert_allclose(iql.flatten_observations(space, stacked), expected)
+    out = np.empty((4, 5), np.float32)
+    assert iql.flatten_into(space, stacked, out) == 5
+    np.testing.assert_allclose(out, np.stack([gym.spaces.flatten(space, s) for s in samples]))
 
 
 def test_pointmaze_dataset_flattening_matches_the_eval_env_wrapper(pointmaze):
     dataset = minari.load_dataset(pointmaze)
     episode = dataset[0]
-    flat = iql.flatten_observations(dataset.observation_space, episode.observations)
+    flat = np.empty((len(episode.rewards) + 1, gym.spaces.flatdim(dataset.observation_space)), np.float32)
+    iql.flatten_into(dataset.observation_space, episode.observations, flat)
     env = iql.make_eval_env(dataset)
     obs, _ = env.reset(seed=0)
     assert isinstance(env, gym.wrappers.FlattenObservation) and obs.shape == flat.shape[1:]
@@ -202,103 +216,153 @@ def test_pointmaze_dataset_flattening_matches_the_eval_env_wrapper(pointmaze):
     np.testing.assert_allclose(flat[0], gym.spaces.flatten(env.env.observation_space, raw), rtol=1e-6)
 
 
-def test_transitions_pair_each_observation_with_the_next_and_use_terminations_as_done(pendulum):
+def test_buffer_stores_each_observation_once_and_pairs_it_with_the_next_within_its_episode(pendulum):
     dataset = minari.load_dataset(pendulum)
-    data = iql.load_transitions(dataset)
-    first = dataset[0]
+    args = iql.Args(normalize_states=False)
+    buffer, stats = iql.load_buffer(dataset, args, torch.device("cpu"))
+    episodes = list(dataset.iterate_episodes())
+    assert buffer.obs.shape[0] == dataset.total_steps + len(episodes)  # T + 1 rows per episode, no next_obs copy
+    assert buffer.obs.dtype == torch.float32 and torch.equal(stats["obs_mean"], torch.zeros(3))
+    first, second = episodes[0], episodes[1]
     n = len(first.rewards)
-    assert data["obs"].dtype == np.float32 and len(data["obs"]) == dataset.total_steps
-    np.testing.assert_allclose(data["obs"][:n], first.observations[:-1], rtol=1e-6)
-    np.testing.assert_allclose(data["next_obs"][:n], first.observations[1:], rtol=1e-6)
-    np.testing.assert_array_equal(data["dones"][:n], first.terminations.astype(np.float32))
-    assert not first.terminations.any() and first.truncations[-1]  # Pendulum only truncates: never done
-    assert data["returns"][0] == pytest.approx(first.rewards.sum())
+    torch.testing.assert_close(buffer.obs[: n + 1], torch.tensor(first.observations, dtype=torch.float32))
+    torch.testing.assert_close(buffer.obs[n + 1 : n + 2], torch.tensor(second.observations[:1], dtype=torch.float32))
+    np.testing.assert_array_equal(buffer.rows[:, n].numpy(), [n + 1, n + 2])  # episode 2 starts one row later
+    scaled = iql.scale_actions(
+        first.actions.astype(np.float32), stats["action_low"].numpy(), stats["action_high"].numpy()
+    )
+    torch.testing.assert_close(buffer.steps[:n, 0], torch.tensor(scaled[:, 0]))
+    torch.testing.assert_close(buffer.steps[:n, 1], torch.tensor(first.rewards, dtype=torch.float32))
+    assert not buffer.steps[:, 2].any() and first.truncations[-1]  # Pendulum only truncates: never done
+    obs, actions, rewards, next_obs, dones = buffer.sample(64)
+    rows = buffer.rows[:, torch.randint(len(buffer.steps), (64,), generator=torch.Generator().manual_seed(args.seed))]
+    torch.testing.assert_close(obs, buffer.obs[rows[0]])
+    torch.testing.assert_close(next_obs, buffer.obs[rows[0] + 1])
+    assert actions.shape == (64, 1) and rewards.shape == (64,) and dones.shape == (64,)
 
 
-def test_buffer_samples_whole_transitions_on_the_device():
-    obs = np.arange(10, dtype=np.float32)[:, None]
-    buffer = iql.Buffer(obs, obs * 2, obs[:, 0] * 3, obs + 1, obs[:, 0] % 2, "cpu", seed=0)
-    o, a, r, o2, d = buffer.sample(32)
-    torch.testing.assert_close(a, 2 * o)
-    torch.testing.assert_close(r, 3 * o[:, 0])
-    torch.testing.assert_close(o2, o + 1)
-    torch.testing.assert_close(d, o[:, 0] % 2)
-    assert r.shape == (32,) and d.shape == (32,)
+def test_states_are_standardized_with_the_dataset_mean_and_std(pendulum):
+    dataset = minari.load_dataset(pendulum)
+    buffer, stats = iql.load_buffer(dataset, iql.Args(), torch.device("cpu"))
+    raw = np.concatenate([ep.observations for ep in dataset.iterate_episodes()])
+    torch.testing.assert_close(stats["obs_mean"], torch.tensor(raw.mean(0), dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["obs_std"], torch.tensor(raw.std(0, ddof=1) + 1e-3, dtype=torch.float32))
+    expected = (raw - stats["obs_mean"].numpy()) / stats["obs_std"].numpy()
+    torch.testing.assert_close(buffer.obs, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
 
 
-# ---- configs --------------------------------------------------------------------------------------------
-CONFIGS = sorted((Path(iql.__file__).parent / "configs" / "iql").glob("*.yaml"))
-
-
-def test_there_is_a_config_for_every_dataset_of_the_design_table():
-    names = {p.stem for p in CONFIGS}
-    assert len([n for n in names if n.split("-")[0] in ("pen", "door", "hammer", "relocate")]) == 12
-    assert len([n for n in names if n.startswith("antmaze-")]) == 6
-    assert len([n for n in names if n.startswith("kitchen-")]) == 3
-    assert len([n for n in names if n.startswith("pointmaze-")]) == 8
-    assert {"halfcheetah-medium-v0", "hopper-medium-v0", "walker2d-expert-v0"} <= names
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_is_valid_and_names_a_resolvable_dataset(path):
-    cfg = iql.load_config(path)
-    iql.validate(iql.Args(**cfg))
-    assert iql.config_name(iql.resolve_dataset_id(path.stem)) == path.stem
-
-
-def test_config_values_follow_the_official_per_domain_hyperparameters():
-    load = lambda name: iql.load_config(Path(iql.__file__).parent / "configs" / "iql" / f"{name}.yaml")  # noqa: E731
-    assert (load("antmaze-large-play-v1")["expectile"], load("antmaze-large-play-v1")["beta"]) == (0.9, 10.0)
-    assert load("door-human-v2") == {"beta": 0.5, "actor_dropout": 0.1}
-    assert load("hopper-medium-v0") == {}  # the defaults are the locomotion values
-    assert (iql.Args().expectile, iql.Args().beta) == (0.7, 3.0)
-
-
-def test_config_with_an_unknown_key_or_a_wrong_type_is_an_error(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("expectle: 0.8\n")
-    with pytest.raises(iql.UserError, match="unknown key 'expectle'.*Did you mean expectile"):
-        iql.load_config(bad)
-    bad.write_text("batch_size: many\n")
-    with pytest.raises(iql.UserError, match="'batch_size' should be"):
-        iql.load_config(bad)
-    bad.write_text("actor_lr: 3e-4\n")  # YAML 1.1 reads this as a string: still accepted as a float
-    assert iql.load_config(bad) == {"actor_lr": 3e-4}
-
-
-# ---- the update step: compiled and bf16 variants against the eager float32 one ---------------------------
-def build_update(**overrides):
-    """A small IQL learner (hidden 16) with fixed initial weights, and a fixed batch."""
+# ---- the update step ------------------------------------------------------------------------------------
+def build(**overrides):
+    """A small IQL learner (hidden 16) as the script builds it, with fixed initial weights, and a fixed batch."""
     torch.manual_seed(0)
-    args = iql.Args(hidden_dim=16, **overrides)
-    actor, critic, value = iql.Actor(3, 2, 16, 2, 0.0, False), iql.TwinQ(3, 2, 16, 2, False), iql.mlp(3, 1, 16, 2)
-    target = iql.TwinQ(3, 2, 16, 2, False)
-    target.load_state_dict(critic.state_dict())
-    opts = [torch.optim.Adam(m.parameters(), lr=3e-4) for m in (actor, critic, value)]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opts[0], lambda s: 1.0)
-    update = iql.make_update(actor, critic, target, value, *opts, scheduler, args)
-    batch = (torch.randn(64, 3), torch.rand(64, 2) * 2 - 1, torch.randn(64), torch.randn(64, 3), torch.zeros(64))
-    return update, [actor, critic, value, target], batch
+    args = iql.Args(hidden_dim=16, total_steps=4, **overrides)
+    nets = iql.make_networks(args, 3, 2)
+    opts = iql.make_optimizers(nets, args)
+    batch = (
+        torch.randn(64, 3),
+        torch.rand(64, 2) * 2 - 1,
+        torch.randn(64),
+        torch.randn(64, 3),
+        (torch.rand(64) < 0.2).float(),
+    )
+    return nets, opts, iql.make_update(nets, opts, args), batch
 
 
-def test_compiled_update_equals_the_eager_update():
-    eager, eager_nets, batch = build_update()
-    compiled, compiled_nets, _ = build_update()
-    compiled = torch.compile(compiled)
-    for _ in range(3):
+def test_one_update_equals_a_hand_written_iql_step_in_the_official_order():
+    """V step; actor step with A = min target Q - V_new(s); Q step with target r + gamma (1 - d) V_new(s');
+    Polyak. Written out with plain Adam on copies of the same networks."""
+    nets, _, update, (s, a, r, s2, d) = build(expectile=0.8, beta=2.0, tau=0.1)
+    ref = copy.deepcopy(nets)
+    adam = {k: torch.optim.Adam(ref[k].parameters(), lr=3e-4) for k in ("value", "actor", "critic")}
+    q_target = torch.minimum(*ref["target_critic"](s, a)).detach()
+    u = q_target - ref["value"](s).squeeze(-1)
+    v_loss = (torch.where(u > 0, 0.8, 0.2) * u**2).mean()
+    adam["value"].zero_grad(), v_loss.backward(), adam["value"].step()
+    with torch.no_grad():
+        v, v_next = ref["value"](s).squeeze(-1), ref["value"](s2).squeeze(-1)
+    std = ref["actor"].log_std.clamp(-5, 2).exp()
+    log_prob = torch.distributions.Normal(ref["actor"](s), std).log_prob(a).sum(-1)
+    actor_loss = -(torch.clamp(torch.exp(2.0 * (q_target - v)), max=100.0) * log_prob).mean()
+    adam["actor"].zero_grad(), actor_loss.backward(), adam["actor"].step()
+    q1, q2 = ref["critic"](s, a)
+    y = r + 0.99 * (1 - d) * v_next
+    critic_loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+    adam["critic"].zero_grad(), critic_loss.backward(), adam["critic"].step()
+    for p_t, p in zip(ref["target_critic"].parameters(), ref["critic"].parameters(), strict=True):
+        p_t.data = 0.9 * p_t.data + 0.1 * p.data
+
+    metrics = update(s, a, r, s2, d)
+    torch.testing.assert_close(metrics["losses/value_loss"], v_loss.detach())
+    torch.testing.assert_close(metrics["losses/actor_loss"], actor_loss.detach())
+    torch.testing.assert_close(metrics["losses/critic_loss"], critic_loss.detach())
+    for name in nets:
+        for (key, p), p_ref in zip(nets[name].state_dict().items(), ref[name].state_dict().values(), strict=True):
+            torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+
+
+def test_compiled_update_equals_eager_follows_the_cosine_schedule_and_never_recompiles():
+    from torch._dynamo.utils import counters
+
+    nets, opts, eager, batch = build()
+    compiled_nets, compiled_opts, compiled, _ = build(compile=True)
+    lrs = [float(compiled_opts["actor_opt"].param_groups[0]["lr"])]
+    for step in range(4):  # T = 4 steps: lr 3e-4 * (1 + cos(pi t / T)) / 2
         m_eager, m_compiled = eager(*batch), compiled(*batch)
+        lrs.append(float(compiled_opts["actor_opt"].param_groups[0]["lr"]))
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # a changing learning rate must not recompile
+    assert lrs[0] == pytest.approx(3e-4) and lrs[2] == pytest.approx(1.5e-4) and lrs[4] == pytest.approx(0.0, abs=1e-12)
     for k in m_eager:
         torch.testing.assert_close(m_compiled[k], m_eager[k], rtol=1e-5, atol=1e-6)
-    for a, b in zip(eager_nets, compiled_nets, strict=True):
-        for p, q in zip(a.parameters(), b.parameters(), strict=True):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    for name in nets:
+        for p, q in zip(nets[name].parameters(), compiled_nets[name].parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_autocast_update_stays_close_to_float32():
-    fp32, _, batch = build_update()
-    bf16, _, _ = build_update(bf16=True)
+def test_orthogonal_init_has_gain_sqrt2_on_every_layer_output_layers_included():
+    nets, *_ = build()
+    for name in ("actor", "critic", "value"):
+        layers = [m for m in nets[name].modules() if hasattr(m, "weight") and m.weight.dim() >= 2]
+        assert len(layers) == 3, name  # 2 hidden + output
+        for layer in layers:
+            for w in layer.weight.detach().view(-1, *layer.weight.shape[-2:]):
+                w = w if w.shape[0] >= w.shape[1] else w.T  # columns orthonormal up to the gain
+                torch.testing.assert_close(w.T @ w, 2.0 * torch.eye(w.shape[1]), atol=1e-5, rtol=0)
+
+
+BF16_ADVANTAGE_TOLERANCE = 0.05  # |A_bf16 - A_fp32| at Q, V ~ 100; bf16's spacing at 100 is 0.5
+
+
+def test_bf16_keeps_advantages_and_awr_weights_close_to_float32_at_realistic_magnitudes():
+    """Q and V around 100 (IQL after the locomotion scaling): with float32 output layers the advantage keeps
+    float32 resolution; rounding Q and V to bfloat16 (the defect this guards against) would not."""
+    nets, _, _, (s, a, *_) = build()
+    with torch.no_grad():
+        for net in (nets["target_critic"], nets["value"]):
+            list(net.modules())[-1].bias.fill_(100.0)
+
+    def advantage(bf16: bool):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return nets["target_critic"](s, a).min(dim=0).values - nets["value"](s).squeeze(-1)
+
+    exact, fast = advantage(False), advantage(True)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # bf16 hidden layers really ran
+    assert (fast - exact).abs().max() < BF16_ADVANTAGE_TOLERANCE
+    ratio = iql.awr_weights(fast, beta=10.0) / iql.awr_weights(exact, beta=10.0)
+    assert ratio.min() > 0.6 and ratio.max() < 1.65  # exp(10 * 0.05)
+    with torch.no_grad():  # the same outputs rounded to bfloat16 after the fact miss the tolerance
+        q, v = nets["target_critic"](s, a).min(dim=0).values, nets["value"](s).squeeze(-1)
+    rounded = q.bfloat16().float() - v.bfloat16().float()
+    assert (rounded - exact).abs().max() > BF16_ADVANTAGE_TOLERANCE
+
+
+def test_bf16_update_stays_close_to_float32():
+    *_, fp32, batch = build()
+    *_, bf16, _ = build(bf16=True)
     m32, m16 = fp32(*batch), bf16(*batch)
     assert m16["losses/critic_loss"].item() != m32["losses/critic_loss"].item()  # bf16 really ran
     for k in ("losses/value_loss", "losses/critic_loss", "losses/actor_loss", "losses/q_mean"):
-        rel = abs(m16[k].float().item() - m32[k].item()) / max(abs(m32[k].item()), 1e-3)
+        assert m16[k].dtype == torch.float32
+        rel = abs(m16[k].item() - m32[k].item()) / max(abs(m32[k].item()), 1e-3)
         assert rel < 0.02, (k, m16[k].item(), m32[k].item())
