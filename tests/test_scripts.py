@@ -338,7 +338,9 @@ def bad_datasets(minari_root, pendulum):
 def test_bad_data_is_refused_at_load_with_what_to_do(algo, bad_datasets, tmp_path):
     out = ["--output", tmp_path]
     assert_user_error(run_script(algo, "--env", bad_datasets["nan"], *out), "episode 1", "non-finite", "observations")
-    assert_user_error(run_script(algo, "--env", bad_datasets["truncated"], *out), "damaged", "truncated-v0", "delete the folder")
+    assert_user_error(
+        run_script(algo, "--env", bad_datasets["truncated"], *out), "damaged", "truncated-v0", "delete the folder"
+    )
     assert_user_error(run_script(algo, "--env", "../../x", *out), "not a valid Minari dataset id", "namespace/name-v")
 
 
