@@ -1,10 +1,6 @@
-"""Small tensor helpers shared by iql.py and cql.py.
-
-Only code that is the same in both algorithms and carries no algorithm logic lives here: the batched
-("ensemble") layers that let twin critics run as one matmul, float32 output layers for --bf16, Polyak
-averaging, RNG seeding and state, and the atomic checkpoint write. Data loading and evaluation are
-deliberately *not* here: each script stands alone and shows its whole data path (see README).
-"""
+"""Small tensor helpers shared by iql.py and cql.py: batched ("ensemble") layers that run twin critics as one
+matmul, float32 output layers for --bf16, Polyak averaging, RNG state and the atomic checkpoint write. Data
+loading and evaluation are deliberately not here: each script shows its whole data path (see README)."""
 
 import io
 import math
@@ -19,12 +15,8 @@ import torch.nn.functional as F
 
 
 class BatchedLinear(nn.Module):
-    """`n` independent linear layers evaluated as one batched matmul: (n, B, in) -> (n, B, out).
-
-    Twin critics built from these run both critics in one kernel per layer instead of two. A 2-D input
-    (B, in), shared by all members, is multiplied in one matmul against the members' weights side by side,
-    so the first layer needs no expanded (copied) input.
-    """
+    """`n` independent linear layers as one batched matmul: (n, B, in) -> (n, B, out); a 2-D input (B, in) is
+    shared by all members. Twin critics built from these run both critics in one kernel per layer."""
 
     def __init__(self, n: int, in_features: int, out_features: int):
         super().__init__()
@@ -35,16 +27,11 @@ class BatchedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # (B, in) @ (in, n * out) -> (B, n, out) -> (n, B, out)
-            n, d_in, d_out = self.weight.shape
-            w = self.weight.permute(1, 0, 2).reshape(d_in, n * d_out)
-            return (x @ w).view(-1, n, d_out).transpose(0, 1) + self.bias
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x.expand(len(self.weight), *x.shape) if x.dim() == 2 else x, self.weight)
 
 
 class OutputLinear(nn.Linear):
-    """The last layer of a network, computed in float32 even under bf16 autocast: Q ~ +-100 would otherwise
-    come out in bfloat16, whose spacing at 100 is 0.5, as large as the advantages it is meant to resolve."""
+    """A network's last layer, in float32 even under bf16 autocast (bf16's spacing at Q ~ 100 is 0.5)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
@@ -94,17 +81,10 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_states(generator: torch.Generator) -> dict:
     """Every random stream a run uses, as plain tensors/lists so `torch.load(weights_only=True)` reads it."""
-    np_state = np.random.get_state()
-    states = {
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-        "sampler": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    _, np_state, np_pos, *_ = np.random.get_state()
+    states = dict(python=list(random.getstate()[1]), numpy=torch.from_numpy(np_state.astype(np.int64)),
+                  numpy_pos=int(np_pos), torch=torch.get_rng_state(), sampler=generator.get_state())  # fmt: skip
+    return states | ({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})
 
 
 def set_rng_states(states: dict, generator: torch.Generator) -> None:
@@ -117,9 +97,8 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> None:
-    """checkpoints/step_<N>.pt and last.pt, each written to a temporary file, flushed and renamed, so a crash
-    or a full disk leaves the previous checkpoint intact; then only the last `keep` step files are kept.
-    A failed write warns and training goes on."""
+    """checkpoints/step_<N>.pt and last.pt, each written to a temporary file, flushed and renamed (a crash or a
+    full disk leaves the previous checkpoint intact); keeps the last `keep` step files. A failure only warns."""
     ckpt_dir, buffer = run_dir / "checkpoints", io.BytesIO()
     torch.save(state, buffer)
     try:

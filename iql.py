@@ -1,5 +1,4 @@
 """Implicit Q-Learning (IQL), a single-file implementation on Gymnasium + Minari.
-
 IQL learns a Q-function without ever querying actions outside the dataset: an expectile regression of
 V(s) towards Q(s, a) over dataset actions approximates a max over in-support actions, Q is trained by TD
 against V(s'), and the policy is extracted with advantage-weighted regression (AWR).
@@ -40,77 +39,42 @@ ALGO = "iql"
 
 @dataclass
 class Args:
-    env: str = "door-human-v2"
-    """dataset: a D4RL-style name (door-human-v2, antmaze-umaze-v1, ...) or a Minari id (D4RL/door/human-v2)"""
-    seed: int = 1
-    """seed of python, numpy, torch, batch sampling and evaluation envs"""
-    total_steps: int = 1_000_000
-    """number of gradient steps"""
-    batch_size: int = 256
-    """transitions per gradient step"""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    """where to train; auto picks cuda, then mps, then cpu"""
-    config: str | None = None
-    """YAML file of hyperparameter overrides (keys are these fields); applied after the per-domain settings"""
-    eval_every: int = 5000
-    """evaluate the policy every this many steps (and at the end)"""
-    eval_episodes: int = 10
-    """episodes per evaluation, run in parallel in a vectorized env; 0: train without an environment"""
-    log_every: int = 1000
-    """log losses to TensorBoard every this many steps (the only host syncs in training)"""
-    checkpoint_every: int = 50_000
-    """write checkpoints/step_<N>.pt and checkpoints/last.pt every this many steps (and at the end)"""
-    keep_checkpoints: int = 3
-    """how many step_<N>.pt files to keep (last.pt is always kept)"""
-    output: str = "runs"
-    """parent folder of the run folder"""
-    run_name: str | None = None
-    """name of the run folder inside --output; default <env>__iql__<seed>__<unix time>"""
-    resume: str | None = None
-    """continue a run: its run folder or a checkpoint file (only --device may be given with it)"""
-    track: bool = False
-    """log to Weights & Biases (pip install wandb; project: $WANDB_PROJECT, default single-file-offline-rl)"""
-    capture_video: bool = False
-    """save a GIF of one evaluation episode to <run>/videos/ (MuJoCo renders offscreen with MUJOCO_GL=egl)"""
-    compile: bool = False
-    """torch.compile the update step"""
-    bf16: bool = False
-    """bfloat16 autocast of the hidden layers (fast on CPUs with AVX-512 BF16/AMX and on GPUs); output layers,
-    losses, weights, gradients and optimizer states stay float32"""
+    env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
+    seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
+    total_steps: int = 1_000_000  # number of gradient steps
+    batch_size: int = 256  # transitions per gradient step
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to train; auto picks cuda, then mps, then cpu
+    config: str | None = None  # YAML of overrides (keys: these fields), applied after the per-domain settings
+    eval_every: int = 5000  # evaluate the policy every this many steps (and at the end)
+    eval_episodes: int = 10  # episodes per evaluation, run in parallel; 0: train without an environment
+    log_every: int = 1000  # log losses to TensorBoard every this many steps (the only host syncs in training)
+    checkpoint_every: int = 50_000  # write checkpoints/step_<N>.pt and last.pt every this many steps (and at the end)
+    keep_checkpoints: int = 3  # how many step_<N>.pt files to keep (last.pt is always kept)
+    output: str = "runs"  # parent folder of the run folder
+    run_name: str | None = None  # name of the run folder inside --output; default <env>__iql__<seed>__<unix time>
+    resume: str | None = None  # continue a run: its folder or a checkpoint file (only --device may be given with it)
+    track: bool = False  # log to Weights & Biases (pip install wandb); project: $WANDB_PROJECT
+    capture_video: bool = False  # save a GIF of one evaluation episode to <run>/videos/ (MuJoCo: MUJOCO_GL=egl)
+    compile: bool = False  # torch.compile the update step
+    bf16: bool = False  # bfloat16 autocast of the hidden layers; output layers, losses, weights, optimizer stay float32
 
     # Algorithm hyperparameters (defaults: the official code's MuJoCo locomotion settings)
-    discount: float = 0.99
-    """discount factor gamma"""
-    tau: float = 0.005
-    """Polyak averaging rate of the target critics"""
-    expectile: float = 0.7
-    """expectile tau of the value loss (0.5 = mean, -> 1 = max over dataset actions)"""
-    beta: float = 3.0
-    """inverse temperature of the AWR actor loss: weights exp(beta * advantage)"""
-    actor_lr: float = 3e-4
-    """actor learning rate (cosine-decayed to 0 unless --no-cosine-actor-lr)"""
-    critic_lr: float = 3e-4
-    """Q learning rate"""
-    value_lr: float = 3e-4
-    """V learning rate"""
-    hidden_dim: int = 256
-    """width of every MLP"""
-    n_hidden: int = 2
-    """hidden layers of every MLP"""
-    deterministic_actor: bool = False
-    """deterministic actor trained with advantage-weighted MSE instead of a Gaussian log-likelihood"""
-    actor_dropout: float = 0.0
-    """dropout rate in the actor's hidden layers"""
-    layer_norm: bool = False
-    """LayerNorm in the critics' hidden layers"""
-    orthogonal_init: bool = True
-    """orthogonal initialisation (gain sqrt 2) of every layer, as in the official code"""
-    cosine_actor_lr: bool = True
-    """cosine decay of the actor learning rate to 0 over total_steps"""
-    normalize_states: bool = True
-    """standardize observations with the dataset mean/std (applied identically at evaluation)"""
-    reward_transform: Literal["none", "locomotion", "antmaze"] = "none"
-    """locomotion: r * 1000 / (max - min episode return); antmaze: r - 1. Set by the per-domain settings"""
+    discount: float = 0.99  # discount factor gamma
+    tau: float = 0.005  # Polyak averaging rate of the target critics
+    expectile: float = 0.7  # expectile tau of the value loss (0.5 = mean, -> 1 = max over dataset actions)
+    beta: float = 3.0  # inverse temperature of the AWR actor loss: weights exp(beta * advantage)
+    actor_lr: float = 3e-4  # actor learning rate (cosine-decayed to 0 unless --no-cosine-actor-lr)
+    critic_lr: float = 3e-4  # Q learning rate
+    value_lr: float = 3e-4  # V learning rate
+    hidden_dim: int = 256  # width of every MLP
+    n_hidden: int = 2  # hidden layers of every MLP
+    deterministic_actor: bool = False  # advantage-weighted MSE of a deterministic actor, not a Gaussian likelihood
+    actor_dropout: float = 0.0  # dropout rate in the actor's hidden layers
+    layer_norm: bool = False  # LayerNorm in the critics' hidden layers
+    orthogonal_init: bool = True  # orthogonal initialisation (gain sqrt 2) of every layer, as in the official code
+    cosine_actor_lr: bool = True  # cosine decay of the actor learning rate to 0 over total_steps
+    normalize_states: bool = True  # standardize observations with the dataset mean/std (also at evaluation)
+    reward_transform: Literal["none", "locomotion", "antmaze"] = "none"  # locomotion: r*1000/spread; antmaze: r-1
 
 
 # Published per-domain settings of the official code (github.com/ikostrikov/implicit_q_learning:
@@ -323,19 +287,15 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
     except Exception as e:
         if (local / "data").exists():
             raise damaged(local, e) from e
-        raise UserError(
-            f"dataset '{dataset_id}' is not in the local Minari store ({local}) and downloading it failed "
-            f"({type(e).__name__}: {str(e)[:200]}). Without network here: run `minari download {dataset_id}` on a "
-            f"machine that has it, copy its folder ~/.minari/datasets/{dataset_id} to {local} (or point "
-            "MINARI_DATASETS_PATH at the copy) and run again; or record a dataset with collect.py (README)."
-        ) from e
+        raise UserError(f"dataset '{dataset_id}' is not in the local Minari store ({local}) and downloading it failed "
+                        f"({type(e).__name__}: {str(e)[:200]}). Without network: run `minari download {dataset_id}` "
+                        f"elsewhere and copy ~/.minari/datasets/{dataset_id} to {local} (or set MINARI_DATASETS_PATH "
+                        "to the copy); or record a dataset with collect.py (README).") from e  # fmt: skip
 
 
 def damaged(local: Path, e: Exception) -> UserError:
-    return UserError(
-        f"the local copy of the dataset at {local} is damaged ({type(e).__name__}: {str(e)[:200]}), "
-        f"as a partial copy would be: delete the folder {local} and download or copy it again."
-    )
+    return UserError(f"the local copy of the dataset at {local} is damaged ({type(e).__name__}: {str(e)[:200]}), "
+                     f"as a partial copy is: delete the folder {local}, then download or copy it again.")  # fmt: skip
 
 
 def flatten_into(space: gym.Space, obs, out: np.ndarray) -> int:
@@ -434,22 +394,19 @@ def make_eval_env(dataset: minari.MinariDataset, **kwargs) -> gym.Env:
     return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
 
 
-class Policy:
+def make_policy(actor: nn.Module, stats: dict, device: torch.device):
     """Env observation -> env action: normalize, deterministic actor mean, map [-1, 1] back to [low, high]."""
-
-    def __init__(self, actor, stats: dict, device):
-        self.actor, self.device = actor, device
-        self.low, self.high = stats["action_low"].numpy(), stats["action_high"].numpy()
-        self.obs_mean, self.obs_std = stats["obs_mean"].to(device), stats["obs_std"].to(device)
+    mean, std, low, high = (stats[k].to(device) for k in ("obs_mean", "obs_std", "action_low", "action_high"))
 
     @torch.no_grad()
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        action = self.actor((obs - self.obs_mean) / self.obs_std).clamp(-1.0, 1.0).cpu().numpy()
-        return self.low + (action + 1.0) * 0.5 * (self.high - self.low)
+    def policy(obs: np.ndarray) -> np.ndarray:
+        action = actor((torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std).clamp(-1.0, 1.0)
+        return (low + (action + 1.0) * 0.5 * (high - low)).cpu().numpy()
+
+    return policy
 
 
-def evaluate(envs: gym.vector.VectorEnv, policy: Policy, seeds: list) -> tuple:
+def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
     """One episode per sub-env, all run in lockstep with one batched policy forward per step. A finished
     sub-env is reset by Gymnasium (on its next step, or at once), so only each sub-env's first episode counts."""
     obs, _ = envs.reset(seed=seeds)
@@ -470,7 +427,7 @@ def normalized_score(dataset: minari.MinariDataset, returns: np.ndarray) -> floa
     return float(np.mean(minari.get_normalized_score(dataset, returns)) * 100.0)
 
 
-def record_video(dataset, policy: Policy, seed: int, path: Path) -> str | None:
+def record_video(dataset, policy, seed: int, path: Path) -> str | None:
     """Render one deterministic episode to a GIF; returns an explanation instead if the env cannot render."""
     try:
         from PIL import Image
@@ -519,7 +476,7 @@ def parse_args(argv: list) -> tuple:
         if changed := [f.name for f in dataclasses.fields(Args) if getattr(given, f.name) != getattr(saved, f.name)
                        and f.name not in ("resume", "device")]:  # fmt: skip
             raise UserError(f"a resumed run keeps its hyperparameters; cannot change {', '.join(changed)}")
-        return dataclasses.replace(saved, resume=args.resume, device=given.device), ckpt
+        return dataclasses.replace(saved, resume=str(path.parent.parent), device=given.device), ckpt
 
     settings = DOMAIN_SETTINGS.get(domain_of(resolve_dataset_id(args.env)), {})
     print(f"per-domain settings for {args.env}: {settings or 'none (Args defaults)'}")
@@ -550,15 +507,7 @@ def validate(args: Args) -> None:
         (args.eval_episodes > 0 or not args.capture_video, "--capture-video needs evaluation episodes"),
     ]  # fmt: skip
     if errors := [msg for ok, msg in checks if not ok]:
-        raise UserError("invalid hyperparameters: " + "; ".join(errors) + ".")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}.get(name):
-        raise UserError(f"--device {name} was asked for but is not available on this machine")
-    return torch.device(name)
+        raise UserError(f"invalid hyperparameters: {'; '.join(errors)}.")
 
 
 def check_finite(metrics: dict, since: int, step: int) -> dict:
@@ -586,8 +535,8 @@ def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, 
                "best_normalized_score": max(scores, default=None),
                "final_return": returns[-1] if returns else None, "best_return": max(returns, default=None),
                "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
-               "versions": {m: importlib.metadata.version(m) for m in ("torch", "minari", "gymnasium", "mujoco",
-                                                                         "gymnasium-robotics")},
+               "versions": {m: importlib.metadata.version(m) for m in
+                            ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")},
                "git_commit": subprocess.run(git, capture_output=True, text=True).stdout.strip() or None,
                "args": dataclasses.asdict(args), "eval_history": history}  # fmt: skip
     (run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
@@ -598,7 +547,10 @@ def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, 
 def main(argv: list) -> None:
     args, ckpt = parse_args(argv)
     validate(args)
-    device = pick_device(args.device)
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device = torch.device(next(d for d in available if available[d]) if args.device == "auto" else args.device)
+    if not available[device.type]:
+        raise UserError(f"--device {args.device} was asked for but is not available on this machine")
     dataset_id = resolve_dataset_id(args.env)
     if args.capture_video:  # MuJoCo renders offscreen through EGL unless told otherwise
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -620,13 +572,10 @@ def main(argv: list) -> None:
             raise UserError(f"the evaluation env of {dataset_id} has observation and action sizes {env_sizes}, "
                             f"the dataset {(obs_dim, act_dim)}: they do not match")  # fmt: skip
 
-    if ckpt is not None:  # a resumed run continues in its own folder
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent.parent
-    else:
-        name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.output) / name
-        if (run_dir / "checkpoints" / "last.pt").exists():
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
+    name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output) / name if ckpt is None else Path(args.resume)  # a resumed run stays in its folder
+    if ckpt is None and (run_dir / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
@@ -649,7 +598,7 @@ def main(argv: list) -> None:
         wandb.init(project=os.environ.get("WANDB_PROJECT", "single-file-offline-rl"), name=run_dir.name,
                    id=run_dir.name, config=dataclasses.asdict(args), sync_tensorboard=True, resume="allow")  # fmt: skip
     writer = SummaryWriter(str(run_dir), purge_step=start + 1 if start else None)
-    policy, stop = Policy(nets["actor"], stats, device), []  # stop: signals received
+    policy, stop = make_policy(nets["actor"], stats, device), []  # stop: signals received
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit with a resume hint
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
@@ -694,17 +643,9 @@ def main(argv: list) -> None:
         if step % args.checkpoint_every == 0 or final or stop:
             check_finite(metrics, last_check, step)
             clock["wall"] = wall_before + time.time() - t_session
-            state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()}
-            state.update(
-                algo=ALGO,
-                minari_id=dataset_id,
-                step=step,
-                args=dataclasses.asdict(args),
-                clock=clock,
-                normalization=stats,
-                eval_history=history,
-                rng=common.get_rng_states(buffer.generator),
-            )
+            state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()} | dict(
+                algo=ALGO, minari_id=dataset_id, step=step, args=dataclasses.asdict(args), clock=clock,
+                normalization=stats, eval_history=history, rng=common.get_rng_states(buffer.generator))  # fmt: skip
             common.save_checkpoint(run_dir, state, step, args.keep_checkpoints)
         t_window += time.time() - t_pause
         if stop:
