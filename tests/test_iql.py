@@ -190,7 +190,7 @@ def test_policy_normalizes_observations_and_maps_actions_back_to_the_env_bounds(
     actor.forward = lambda obs: (seen.append(obs), torch.full((len(obs), 1), 0.5))[1]
     stats = {"obs_mean": torch.tensor([1.0, 2.0]), "obs_std": torch.tensor([2.0, 4.0]),
              "action_low": torch.tensor([-2.0]), "action_high": torch.tensor([2.0])}  # fmt: skip
-    action = iql.Policy(actor, stats, "cpu")(np.array([[3.0, 6.0]]))
+    action = iql.make_policy(actor, stats, torch.device("cpu"))(np.array([[3.0, 6.0]]))
     torch.testing.assert_close(seen[0], torch.tensor([[1.0, 1.0]]))  # (obs - mean) / std
     np.testing.assert_allclose(action, [[1.0]])  # 0.5 in [-1, 1] is 1.0 in [-2, 2]
 
