@@ -4,7 +4,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import BatchedLayerNorm, BatchedLinear, get_rng_states, orthogonal_init, set_rng_states, soft_update
+from common import (
+    BatchedLayerNorm,
+    BatchedLinear,
+    BatchedOutputLinear,
+    OutputLinear,
+    get_rng_states,
+    orthogonal_init,
+    save_checkpoint,
+    set_rng_states,
+    soft_update,
+)
 
 
 def test_batched_linear_equals_separate_layers():
@@ -56,3 +66,24 @@ def test_rng_states_round_trip_every_stream():
     set_rng_states(states, gen)
     again = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
     assert draws == again
+
+
+def test_output_layers_compute_in_float32_under_bf16_autocast():
+    x = torch.randn(5, 8)
+    for layer in (OutputLinear(8, 3), BatchedOutputLinear(2, 8, 3)):
+        with torch.no_grad():
+            layer.bias.fill_(100.0)  # Q ~ 100, where bfloat16's spacing is 0.5
+            exact = layer(x)
+            with torch.autocast("cpu", torch.bfloat16):
+                fast = layer(x)
+        assert fast.dtype == torch.float32
+        torch.testing.assert_close(fast, exact, rtol=0, atol=0)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # a plain layer would round to bfloat16
+        assert nn.Linear(8, 3)(x).dtype == torch.bfloat16
+
+
+def test_save_checkpoint_writes_step_and_last_and_keeps_the_newest(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, {"step": step}, step, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_2.pt", "step_3.pt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True) == {"step": 3}
