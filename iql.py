@@ -342,13 +342,16 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     low, high = space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
     obs = np.empty((n + n_episodes, gym.spaces.flatdim(dataset.observation_space)), np.float32)
     steps, rows, returns, t = np.empty((n, len(low) + 2), np.float32), np.empty((2, n), np.int64), [], 0
+    moments = np.zeros((2, obs.shape[1]))  # sums of s and s^2 for the state mean and std, in float64
     try:
         for k, ep in enumerate(dataset.iterate_episodes()):
             T, row = len(ep.rewards), t + k  # episode k's T + 1 observations start at row t + k
             flatten_into(dataset.observation_space, ep.observations, obs[row : row + T + 1])
             steps[t : t + T] = np.column_stack([np.reshape(ep.actions, (T, -1)), ep.rewards, ep.terminations])
-            if not (np.isfinite(obs[row : row + T + 1]).all() and np.isfinite(steps[t : t + T]).all()):
-                bad = "observations" if not np.isfinite(obs[row : row + T + 1]).all() else "actions or rewards"
+            x = obs[row : row + T + 1]
+            moments += np.stack([x.sum(0, dtype=float), np.square(x, dtype=float).sum(0)])
+            if not (np.isfinite(moments).all() and np.isfinite(steps[t : t + T]).all()):
+                bad = "observations" if not np.isfinite(moments).all() else "actions or rewards"
                 raise UserError(f"dataset {dataset.id}: episode {ep.id} has non-finite (NaN/inf) {bad}; repair it or "
                                 "leave it out (minari's filter_episodes) before training.")  # fmt: skip
             rows[0, t : t + T], t = np.arange(row, row + T), t + T
@@ -359,15 +362,16 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     steps[:, -2] = transform_rewards(steps[:, -2], np.array(returns), args.reward_transform)
     steps[:, :-2] = scale_actions(steps[:, :-2], low, high)
 
-    obs_t = torch.from_numpy(obs).to(device)  # on the CPU this shares the array: no copy
-    obs_std, obs_mean = torch.std_mean(obs_t, dim=0)
+    mean, var = moments[0] / len(obs), moments[1] / len(obs) - (moments[0] / len(obs)) ** 2
+    obs_mean, obs_std = (torch.tensor(x, dtype=torch.float32) for x in (mean, np.sqrt(np.maximum(var, 0)) + 1e-3))
     if not args.normalize_states:
-        obs_mean, obs_std = torch.zeros_like(obs_mean), torch.ones_like(obs_std) - 1e-3
-    obs_t.sub_(obs_mean).div_(obs_std + 1e-3)
+        obs_mean, obs_std = torch.zeros_like(obs_mean), torch.ones_like(obs_std)
+    obs_t = torch.from_numpy(obs).to(device)  # on the CPU this shares the array: no copy
+    obs_t.sub_(obs_mean.to(device)).div_(obs_std.to(device))
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
     buffer = Buffer(obs_t, torch.from_numpy(steps).to(device), torch.from_numpy(rows).to(device), generator)
-    return buffer, {"obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu() + 1e-3, "action_low": torch.from_numpy(low),
+    return buffer, {"obs_mean": obs_mean, "obs_std": obs_std, "action_low": torch.from_numpy(low),
                     "action_high": torch.from_numpy(high)}  # fmt: skip
 
 
