@@ -12,6 +12,7 @@ on every step. Also reported: evaluation seconds per episode (vectorized envs) f
 """
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -215,6 +216,42 @@ def ours_sps(algo, args, env, out):
     return windows, eval_seconds
 
 
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def profile_update(algo: str, args: Args, buffer, steps: int = 50) -> tuple:
+    """The script's own update (make_networks/make_optimizers/make_update, with --ours-flags) under
+    torch.profiler: kernels per step (leaf operators on the CPU, device kernels on a GPU), aten::copy_ calls per
+    step, and the share of the step's time spent in matmuls. Shows on any machine where a step's time goes."""
+    module = importlib.import_module(algo)
+    margs = tyro.cli(module.Args, args=args.ours_flags.split())
+    device = buffer.obs.device
+    nets = {
+        k: v.to(device) for k, v in module.make_networks(margs, buffer.obs.shape[1], buffer.steps.shape[1] - 2).items()
+    }
+    update = module.make_update(nets, module.make_optimizers(nets, margs), margs)
+    for _ in range(10):  # warm-up (and compilation, with --compile)
+        update(*buffer.sample(256))
+    gpu = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            update(*buffer.sample(256))
+        if gpu:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if gpu:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in kernels)
+        matmul = sum(e.self_device_time_total for e in kernels if "gemm" in e.name.lower() or "matmul" in e.name)
+    else:
+        kernels = [e for e in events if e.name.startswith("aten::") and not e.cpu_children]
+        total = sum(e.self_cpu_time_total for e in events if e.name.startswith("aten::"))
+        matmul = sum(e.self_cpu_time_total for e in events if e.name in MATMULS)
+    copies = sum(e.name == "aten::copy_" for e in events)
+    return len(kernels) / steps, copies / steps, matmul / max(total, 1e-9)
+
+
 def build_dataset() -> str:
     """A random-action Adroit door dataset with the real door dimensions (39-d observations, 28-d actions)."""
     import gymnasium as gym
@@ -269,12 +306,13 @@ def main(args: Args):
         sys.path.insert(0, str(ROOT))
         import iql  # the baseline trains on exactly the script's tensors
 
-        dataset = iql.load_minari_dataset(iql.resolve_dataset_id(env))
-        raw = iql.load_transitions(dataset)
-        data = {k: torch.as_tensor(v, device=device) for k, v in raw.items() if k != "returns"}
+        buffer, _ = iql.load_buffer(iql.load_dataset(iql.resolve_dataset_id(env)), iql.Args(), device)
+        steps = buffer.steps  # the baseline gets the textbook layout: separate obs and next_obs copies
+        data = {"obs": buffer.obs[buffer.rows[0]], "actions": steps[:, :-2], "rewards": steps[:, -2],
+                "next_obs": buffer.obs[buffer.rows[1]], "dones": steps[:, -1]}  # fmt: skip
         print(
-            f"dataset {env}: {len(raw['rewards'])} transitions, obs {raw['obs'].shape[1]}, "
-            f"actions {raw['actions'].shape[1]}; device {args.device}, {args.threads} threads, batch 256"
+            f"dataset {env}: {len(steps)} transitions, obs {buffer.obs.shape[1]}, "
+            f"actions {steps.shape[1] - 2}; device {args.device}, {args.threads} threads, batch 256"
         )
         rows = []
         for algo in args.algos:
@@ -287,16 +325,20 @@ def main(args: Args):
             base = float("nan")
             if args.baseline:
                 base = statistics.median(baseline_sps(algo, data, device, args.steps) for _ in range(args.repeats))
-            rows.append((algo, ours, base, ours / base, statistics.median(evals)))
+            ops, copies, matmul = profile_update(algo, args, buffer)
+            rows.append((algo, ours, base, ours / base, statistics.median(evals), ops, copies, matmul))
             print(
                 f"{algo}: ours {ours:.1f} steps/s, baseline {base:.1f} steps/s, ratio {ours / base:.2f}x, "
-                f"eval {statistics.median(evals):.3f} s/episode",
+                f"eval {statistics.median(evals):.3f} s/episode; per step {ops:.0f} kernels, {copies:.0f} copies, "
+                f"{matmul:.0%} of the time in matmuls",
                 flush=True,
             )
-        print("\n| algo | ours (steps/s) | straightforward baseline (steps/s) | ratio | eval s/episode |")
-        print("|---|---|---|---|---|")
-        for algo, ours, base, ratio, ev in rows:
-            print(f"| {algo} | {ours:.1f} | {base:.1f} | {ratio:.2f}x | {ev:.3f} |")
+        print("\n| algo | ours (steps/s) | baseline (steps/s) | ratio | eval s/episode | kernels/step | copies/step "
+              "| matmul share |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for algo, ours, base, ratio, ev, ops, copies, matmul in rows:
+            cells = [f"{ours:.1f}", f"{base:.1f}", f"{ratio:.2f}x", f"{ev:.3f}", f"{ops:.0f}", f"{copies:.0f}"]
+            print(f"| {algo} | {' | '.join(cells)} | {matmul:.0%} |")
 
 
 if __name__ == "__main__":
