@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 import gymnasium as gym
 import minari
@@ -366,3 +367,22 @@ def test_bf16_update_stays_close_to_float32():
         assert m16[k].dtype == torch.float32
         rel = abs(m16[k].item() - m32[k].item()) / max(abs(m32[k].item()), 1e-3)
         assert rel < 0.02, (k, m16[k].item(), m32[k].item())
+
+
+# ---- configuration ----------------------------------------------------------------------------------------
+def test_precedence_is_defaults_then_domain_table_then_config_file_then_flags(tmp_path):
+    config = tmp_path / "override.yaml"
+    config.write_text("beta: 7.0\nlayer_norm: true\nexpectile: 0.8\n")
+    args, ckpt = iql.parse_args(["--env", "door-human-v2", "--config", str(config), "--expectile", "0.6"])
+    assert ckpt is None
+    assert args.actor_dropout == 0.1  # Adroit's row of the table (the default is 0.0)
+    assert args.beta == 7.0 and args.layer_norm  # the file overrides the table's 0.5
+    assert args.expectile == 0.6  # the flag overrides the file
+    assert args.critic_lr == iql.Args.critic_lr  # untouched fields keep the defaults
+
+
+def test_the_example_override_file_is_valid():
+    args, _ = iql.parse_args(
+        ["--env", "local/x/y-v0", "--config", str(Path(iql.__file__).parent / "configs" / "example.yaml")]
+    )
+    assert args.layer_norm and args.total_steps == 500_000
