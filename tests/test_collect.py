@@ -1,7 +1,10 @@
 """collect.py: datasets from every behaviour policy load with Minari and hold the right episodes, steps, T+1
 observations, termination/truncation flags, reference scores and evaluation env; checkpoints of iql.py, cql.py
-and collect.py act as their own scripts do; the SAC teacher learns; the README quickstart runs end to end."""
+and collect.py act as their own scripts do; the SAC teacher's update means what SAC says and the teacher learns;
+bad input is an exit code 2 with a message; interruption never leaves a partial dataset and resumes exactly; the
+README quickstart runs end to end."""
 
+import dataclasses
 import json
 import os
 import shlex
@@ -9,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import gymnasium as gym
 import minari
@@ -16,10 +20,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_script
+from datasets import make_dataset
 
 import collect
-import cql
-import iql
 
 # The README's offline quickstart, verbatim; the tests append flags that shrink it (later flags win).
 QUICKSTART = [
@@ -29,10 +32,10 @@ QUICKSTART = [
 ]
 REDUCED = [
     "--teacher-steps 3500 --learning-starts 500 --hidden-dim 64 --episodes 4 --ref-episodes 4",
-    "--total-steps 300 --eval-every 300 --eval-episodes 2 --log-every 100",
+    "--total-steps 300 --eval-every 300 --eval-episodes 10 --log-every 100",
 ]
-
-
+# A SAC teacher small enough for a test: 16-unit networks, 32-transition batches
+TINY_SAC = ["--env", "Pendulum-v1", "--policy", "sac", "--batch-size", 32, "--hidden-dim", 16]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny networks: a second thread only adds waiting on a busy machine
 
 
@@ -49,6 +52,14 @@ def record(*argv) -> minari.MinariDataset:
     return collect.main([str(a) for a in argv])
 
 
+def exit_code_and_error(capsys, *argv) -> tuple:
+    """collect.py's exit code in-process (as `python collect.py ARGV`) and the last line it wrote to stderr (after
+    any progress bar, which redraws its line with carriage returns)."""
+    capsys.readouterr()
+    code = collect.cli([str(a) for a in argv])
+    return code, capsys.readouterr().err.rstrip("\n").split("\r")[-1]
+
+
 def episodes(dataset: minari.MinariDataset) -> list:
     return list(dataset.iterate_episodes())
 
@@ -60,15 +71,20 @@ def assert_flags_end_each_episode(dataset: minari.MinariDataset) -> None:
         assert done[-1] and not done[:-1].any()
 
 
+def assert_same_episodes(a: minari.MinariDataset, b: minari.MinariDataset) -> None:
+    for x, y in zip(episodes(a), episodes(b), strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
+
+
 @pytest.fixture(scope="module")
 def quickstart(minari_root, tmp_path_factory) -> dict:
     """The quickstart's two commands at a reduced size, run as a user would, in a subprocess each."""
     out = tmp_path_factory.mktemp("quickstart")
-    results = []
     for command, reduced in zip(QUICKSTART, REDUCED, strict=True):
         argv = shlex.split(command)[1:] + shlex.split(reduced) + ["--output", str(out)]
-        results.append(run_script(*argv, timeout=240, env=ONE_THREAD))
-        assert results[-1].returncode == 0, results[-1].stdout + results[-1].stderr
+        result = run_script(*argv, timeout=240, env=ONE_THREAD)
+        assert result.returncode == 0, result.stdout + result.stderr
     teacher_run = next(out.glob("Pendulum-v1__collect-sac__*"))
     iql_run = next(out.glob("local-pendulum-medium-v0__iql__*"))
     return {
@@ -88,7 +104,7 @@ def test_random_dataset_has_counts_t_plus_one_observations_and_time_limit_trunca
     assert dataset.total_episodes == 3 and dataset.total_steps == 120
     for ep in episodes(dataset):
         assert ep.observations.shape == (41, 3) and ep.actions.shape == (40, 1) and ep.rewards.shape == (40,)
-        assert np.all(np.abs(ep.actions) <= 2.0)
+        assert np.all(np.abs(ep.actions) <= 2.0) and np.abs(ep.actions).max() > 1.0  # uniform over [-2, 2]
         assert not ep.terminations.any() and ep.truncations[-1]  # Pendulum never terminates: time limits only
     assert_flags_end_each_episode(dataset)
     # random data has no expert: no reference scores unless --ref-max-score is given
@@ -108,7 +124,8 @@ def test_ref_max_score_flag_gives_random_data_normalized_scores(minari_root):
         "--ref-max-score", -10.0, "--dataset-id", "collect/pendulum/random-ref-v0",
     )  # fmt: skip
     meta = dataset.storage.metadata
-    assert meta["ref_max_score"] == -10.0 and meta["ref_min_score"] < -50.0
+    # the random reference is a mean return over 30 steps, each rewarded in [-16.3, 0] (Pendulum's cost bound)
+    assert meta["ref_max_score"] == -10.0 and -16.3 * 30 < meta["ref_min_score"] < -10.0
     assert minari.get_normalized_score(dataset, np.array([meta["ref_min_score"], -10.0])) == pytest.approx([0, 1])
 
 
@@ -123,9 +140,8 @@ def test_terminations_and_time_limit_truncations_are_stored_apart(minari_root):
     terminated = [ep for ep in eps if ep.terminations[-1]]
     truncated = [ep for ep in eps if ep.truncations[-1] and not ep.terminations[-1]]
     assert terminated and truncated
-    assert all(len(ep.rewards) < 6 or ep.truncations[-1] for ep in terminated)
+    assert all(len(ep.rewards) < 6 for ep in terminated if not ep.truncations[-1])
     assert all(len(ep.rewards) == 6 for ep in truncated)
-    assert dataset.total_steps == sum(len(ep.rewards) for ep in eps)
 
 
 def test_dict_observations_are_stored_per_key_with_t_plus_one_entries(minari_root):
@@ -142,41 +158,90 @@ def test_dict_observations_are_stored_per_key_with_t_plus_one_entries(minari_roo
 def test_sac_replay_data_is_every_complete_training_episode(minari_root, tmp_path):
     """250 steps with 60-step episodes: 4 complete episodes; the 10 steps of the cut fifth are dropped."""
     dataset = record(
-        "--env", "Pendulum-v1", "--policy", "sac", "--sac-data", "replay", "--teacher-steps", 250,
-        "--learning-starts", 100, "--batch-size", 32, "--hidden-dim", 16, "--max-episode-steps", 60,
-        "--ref-episodes", 2, "--ref-max-score", -1.0, "--dataset-id", "collect/pendulum/replay-v0",
-        "--output", tmp_path,
+        *TINY_SAC, "--sac-data", "replay", "--teacher-steps", 250, "--learning-starts", 100,
+        "--max-episode-steps", 60, "--ref-episodes", 2, "--ref-max-score", -1.0,
+        "--dataset-id", "collect/pendulum/replay-v0", "--output", tmp_path,
     )  # fmt: skip
     assert dataset.total_episodes == 4 and dataset.total_steps == 240
     assert_flags_end_each_episode(dataset)
     assert all(ep.observations.shape == (61, 3) for ep in episodes(dataset))
     ckpt = torch.load(next(tmp_path.glob("*/teacher.pt")), weights_only=True)
-    assert ckpt["algo"] == "collect-sac" and ckpt["env_id"] == "Pendulum-v1" and len(ckpt["train_returns"]) == 4
+    assert ckpt["algo"] == "collect-sac" and ckpt["env_id"] == "Pendulum-v1"
+    assert ckpt["train_returns"] == pytest.approx([ep.rewards.sum() for ep in episodes(dataset)])
 
 
 def test_same_seed_gives_the_same_dataset_and_another_seed_does_not(minari_root, tmp_path):
-    def sac_replay(seed, name):
+    def sac_both(seed, name):
         return record(
-            "--env", "Pendulum-v1", "--policy", "sac", "--sac-data", "both", "--teacher-steps", 120,
-            "--learning-starts", 40, "--batch-size", 16, "--hidden-dim", 16, "--max-episode-steps", 30,
-            "--episodes", 2, "--ref-episodes", 1, "--seed", seed, "--dataset-id", f"collect/pendulum/{name}-v0",
-            "--output", tmp_path / name,
+            *TINY_SAC, "--sac-data", "both", "--teacher-steps", 120, "--learning-starts", 40, "--batch-size", 16,
+            "--max-episode-steps", 30, "--episodes", 2, "--ref-episodes", 1, "--seed", seed,
+            "--dataset-id", f"collect/pendulum/{name}-v0", "--output", tmp_path / name,
         )  # fmt: skip
 
-    a, b, c = (episodes(sac_replay(seed, name)) for seed, name in ((3, "seed-a"), (3, "seed-b"), (4, "seed-c")))
-    assert len(a) == len(b) == 6  # 4 training episodes + 2 rollouts of the final teacher
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x.observations, y.observations)
-        np.testing.assert_array_equal(x.actions, y.actions)
-    assert not np.array_equal(a[0].actions, c[0].actions)
+    a, b, c = (sac_both(seed, name) for seed, name in ((3, "seed-a"), (3, "seed-b"), (4, "seed-c")))
+    assert a.total_episodes == 6  # 4 training episodes + 2 rollouts of the final teacher
+    assert_same_episodes(a, b)
+    assert not np.array_equal(episodes(a)[0].actions, episodes(c)[0].actions)
+
+
+# ---- the SAC teacher's update ------------------------------------------------------------------------------
+def test_td_target_bootstraps_through_a_time_limit_but_not_through_a_termination():
+    """Hand-computed soft TD targets for a truncated, a terminated and an ordinary transition, through the replay
+    buffer: y = r + gamma (1 - terminated) (min(Q'1, Q'2) - alpha log pi)."""
+    buffer = collect.ReplayBuffer(3, obs_dim=1, act_dim=1)
+    for step, (terminated, truncated) in enumerate([(False, True), (True, False), (False, False)]):
+        buffer.add(step, [0.0], [0.0], float(step + 1), [0.0], terminated, truncated)
+    _, _, rewards, next_obs, dones = buffer.batch(np.arange(3), "cpu")
+    actor = SimpleNamespace(sample=lambda obs: (torch.zeros(3, 1), torch.tensor([-1.0, -1.0, -2.0])))
+    target_critic = lambda obs, actions: torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 5.0]])  # noqa: E731
+    y = collect.td_target(actor, target_critic, 0.5, rewards, next_obs, dones, discount=0.9)
+    # min Q' = [1, 0, 3]; soft value min Q' - 0.5 log pi = [1.5, 0.5, 4.0]
+    assert y.tolist() == pytest.approx([1.0 + 0.9 * 1.5, 2.0, 3.0 + 0.9 * 4.0])
+
+
+def tiny_sac_and_batch() -> tuple:
+    torch.manual_seed(0)
+    sac = collect.SAC(3, 1, collect.Args(hidden_dim=8, n_hidden=1), "cpu")
+    obs, actions, next_obs = torch.randn(16, 3), torch.rand(16, 1) * 2 - 1, torch.randn(16, 3)
+    return sac, (obs, actions, torch.randn(16), next_obs, torch.zeros(16))
+
+
+def parameters(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_parameters(module: torch.nn.Module, before: dict, same: bool = True) -> None:
+    equal = [torch.equal(v, before[k]) for k, v in module.state_dict().items()]
+    assert all(equal) if same else not all(equal)
+
+
+def test_actor_step_moves_the_actor_and_temperature_but_not_the_critics():
+    sac, batch = tiny_sac_and_batch()
+    critic, target, actor, log_alpha = (parameters(m) for m in (sac.critic, sac.target_critic, sac.actor, sac))
+    sac.actor_step(batch[0], torch.tensor(0.2))
+    assert_same_parameters(sac.critic, critic)
+    assert_same_parameters(sac.target_critic, target)
+    assert all(p.grad is None and p.requires_grad for p in sac.critic.parameters())  # frozen for the step only
+    assert_same_parameters(sac.actor, actor, same=False)
+    assert not torch.equal(sac.log_alpha, log_alpha["log_alpha"])
+
+
+def test_critic_step_moves_the_critics_but_not_the_actor_temperature_or_targets():
+    sac, batch = tiny_sac_and_batch()
+    critic, target, actor, everything = (parameters(m) for m in (sac.critic, sac.target_critic, sac.actor, sac))
+    sac.critic_step(batch, torch.tensor(0.2))
+    assert_same_parameters(sac.actor, actor)
+    assert_same_parameters(sac.target_critic, target)  # moved by the Polyak update only
+    assert torch.equal(sac.log_alpha, everything["log_alpha"])
+    assert_same_parameters(sac.critic, critic, same=False)
 
 
 # ---- checkpoints: iql.py, cql.py and collect.py actors ---------------------------------------------------
-def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env) -> dict:
-    """The layout iql.py and cql.py write: algo, args, actor state dict, normalization statistics."""
+def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env, minari_id: str = "local/pendulum/random-v0"):
+    """The layout iql.py and cql.py write: algo, dataset id, args, actor state dict, normalization statistics."""
     return {
         "algo": algo,
-        "minari_id": "local/pendulum/random-v0",
+        "minari_id": minari_id,
         "actor": actor.state_dict(),
         "normalization": {
             "obs_mean": torch.tensor([0.1, -0.2, 0.3]),
@@ -189,26 +254,23 @@ def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env) -> dict:
 
 
 @pytest.mark.parametrize(
-    "algo, make_actor",
-    [
-        ("iql", lambda: iql.Actor(3, 1, 32, 2, dropout=0.0, deterministic=False)),
-        ("iql", lambda: iql.Actor(3, 1, 32, 3, dropout=0.1, deterministic=True)),
-        ("cql", lambda: cql.Actor(3, 1, 32, 2)),
-    ],
-    ids=["iql-gaussian", "iql-deterministic-dropout", "cql"],
+    "algo, actor_args",
+    [("iql", (3, 1, 32, 2, 0.0, False)), ("iql", (3, 1, 32, 3, 0.1, True)), ("cql", (3, 1, 32, 2))],
+    ids=["iql-gaussian", "iql-deterministic-dropout", "cql-fused-head-and-log-std-scalars"],
 )
-def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, make_actor):
+def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, actor_args):
+    """The script's deterministic action tanh(mu((s - mean) / std)), mapped from [-1, 1] to [low, high]."""
+    script = __import__(algo)  # imported here: a broken script fails this test only
     torch.manual_seed(0)
     env = gym.make("Pendulum-v1")
-    actor = make_actor().eval()
+    actor = script.Actor(*actor_args).eval()
     ckpt = checkpoint_of(algo, actor, env)
-    norm = {k: v.numpy() for k, v in ckpt["normalization"].items()}
-    own = (iql if algo == "iql" else cql).Policy(
-        actor, norm["obs_mean"], norm["obs_std"], norm["action_low"], norm["action_high"], "cpu"
-    )
-    rebuilt = collect.Behaviour(env, collect.checkpoint_policy(ckpt, env, "cpu"))
+    norm = ckpt["normalization"]
+    rebuilt = collect.behaviour(env, collect.checkpoint_policy(ckpt, env, "cpu"))
     for obs in np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32) * 3:
-        np.testing.assert_allclose(rebuilt(obs), own(obs[None])[0], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            a = actor((torch.from_numpy(obs) - norm["obs_mean"]) / norm["obs_std"]).numpy()
+        np.testing.assert_allclose(rebuilt(obs), 2.0 * a, rtol=1e-5, atol=1e-5)  # Pendulum acts in [-2, 2]
 
 
 def test_checkpoint_of_another_env_is_refused(minari_root, quickstart):
@@ -230,6 +292,7 @@ def test_noisy_rollouts_of_the_teacher_checkpoint_with_the_env_taken_from_the_ch
     )  # fmt: skip
     assert dataset.total_episodes == 3 and dataset.total_steps == 600
     meta = dataset.storage.metadata
+    # the same reference seeds, and teacher.pt acts as the in-memory teacher did: the same reference return
     assert meta["ref_max_score"] == pytest.approx(quickstart["collect_summary"]["teacher_return"], abs=1e-6)
     assert "noise 0.5" in meta["algorithm_name"] and "epsilon 0.2" in meta["algorithm_name"]
     assert dataset.recover_environment(eval_env=True).spec.max_episode_steps == 200
@@ -244,6 +307,7 @@ def test_iql_run_folder_is_a_checkpoint_policy(minari_root, quickstart, run):
     assert result.returncode == 0, result.stderr
     dataset = minari.load_dataset("collect/pendulum/student-v0")
     assert dataset.total_episodes == 2 and "iql checkpoint" in dataset.storage.metadata["algorithm_name"]
+    assert dataset.recover_environment(eval_env=True).spec.id == "Pendulum-v1"
 
 
 # ---- SAC teacher and the quickstart ----------------------------------------------------------------------
@@ -257,33 +321,86 @@ def test_quickstart_dataset_is_valid_with_reference_scores(quickstart):
     assert dataset.total_episodes == 4 and dataset.total_steps == 800
     assert all(ep.observations.shape == (201, 3) for ep in episodes(dataset))
     assert_flags_end_each_episode(dataset)
-    meta = dataset.storage.metadata
-    assert meta["ref_min_score"] == pytest.approx(quickstart["collect_summary"]["random_return"])
-    assert meta["ref_max_score"] == pytest.approx(quickstart["collect_summary"]["teacher_return"])
-    assert meta["eval_env_spec"] and dataset.recover_environment(eval_env=True).spec.id == "Pendulum-v1"
+    meta, summary = dataset.storage.metadata, quickstart["collect_summary"]
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == pytest.approx(
+        (summary["random_return"], summary["teacher_return"])
+    )
+    # half the actions random (--epsilon 0.5): the data lies between the random policy and the teacher
+    data_score = 100 * np.mean(minari.get_normalized_score(dataset, np.array([summary["data_return"]])))
+    assert 10 < data_score < 90, data_score
+    assert dataset.recover_environment(eval_env=True).spec.id == "Pendulum-v1"
 
 
 def test_quickstart_trains_iql_to_a_normalized_score(quickstart):
-    summary = quickstart["iql_summary"]
-    assert summary["steps"] == 300 and isinstance(summary["final_normalized_score"], float)
+    """The score is 100 (return - random) / (teacher - random) with the dataset's references. 300 IQL steps on the
+    4-episode dataset, 10 evaluation episodes: measured 44.8 (this seed, 1; seeds 2 and 3: 11.2, 34.9), where an
+    untrained actor scores 5.3 (seeds 2 and 3: -25.6, -22.9)."""
+    summary, meta = quickstart["iql_summary"], quickstart["dataset"].storage.metadata
+    assert summary["steps"] == 300
+    expected = 100 * (summary["final_return"] - meta["ref_min_score"]) / (meta["ref_max_score"] - meta["ref_min_score"])
+    assert summary["final_normalized_score"] == pytest.approx(expected)
+    assert summary["final_normalized_score"] > 20, summary["eval_history"]
 
 
-# ---- input errors ----------------------------------------------------------------------------------------
+# ---- input errors: exit code 2 and a message --------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--env", "CartPole-v1"], "Discrete action space"),
-        (["--env", "Pendulm-v1"], "Did you mean Pendulum-v1"),
-        (["--env", "Pendulum-v1", "--dataset-id", "pendulum-v0"], "not a namespaced Minari id"),
+        (["--env", "Pendulm-v1"], "Did you mean: `Pendulum`"),
+        (["--env", "Pendulum-v1", "--dataset-id", "../../x"], "'../../x' is not a valid Minari dataset id"),
+        (["--env", "Pendulum-v1", "--dataset-id", "pendulum-v0"], "ids look like namespace/name-v<N>"),
+        (["--env", "Pendulum-v1", "--dataset-id", "local/pendulum/medium"], "not a valid Minari dataset id"),
         (["--env", "Pendulum-v1", "--policy", "checkpoint"], "needs --checkpoint"),
         (["--env", "Pendulum-v1", "--action-noise", "0.1"], "random or replay data has none"),
+        (["--env", "Pendulum-v1", "--max-episode-steps", "0"], "max_episode_steps must be > 0"),
         (["--policy", "checkpoint", "--checkpoint", "/nonexistent.pt"], "no such file"),
         (["--env", "Pendulum-v1", "--max-episode-steps", "20", "--ref-max-score", "-1e9"], "must exceed the random"),
     ],
 )
-def test_input_mistakes_are_user_errors(minari_root, argv, message):
-    with pytest.raises(collect.UserError, match=message):
-        record(*argv)
+def test_input_mistakes_exit_with_code_2_and_say_what_is_wrong(minari_root, capsys, argv, message):
+    code, error = exit_code_and_error(capsys, *argv)
+    assert code == 2 and error.startswith("error: ") and message in error, error
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "not a dict"])
+def test_unreadable_checkpoints_exit_with_code_2(minari_root, capsys, tmp_path, damage):
+    path = tmp_path / "last.pt"
+    torch.save(checkpoint_of("iql", torch.nn.Linear(3, 1), gym.make("Pendulum-v1")), path)
+    if damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save([1, 2, 3], path)
+    code, error = exit_code_and_error(capsys, "--policy", "checkpoint", "--checkpoint", path)
+    expected = "not an iql.py, cql.py or collect.py actor checkpoint" if damage == "not a dict" else "truncated or"
+    assert code == 2 and expected in error, error
+
+
+@pytest.mark.filterwarnings("ignore:`:UserWarning")  # minari's notes on optional metadata of the test dataset
+@pytest.mark.parametrize("case", ["malformed id", "not local", "damaged"])
+def test_the_dataset_of_an_iql_checkpoint_must_be_a_valid_id_and_a_whole_local_copy(
+    minari_root, capsys, tmp_path, case
+):
+    """Without --env, an iql/cql checkpoint's env is its dataset's evaluation env, read from the local store."""
+    dataset_id = {"malformed id": "../../x", "not local": "collect/nowhere/absent-v0"}.get(case)
+    if case == "damaged":  # a copy cut short, as an interrupted transfer leaves it
+        dataset_id = "collect/damaged/pendulum-v0"
+        make_dataset(dataset_id, "Pendulum-v1", 2)
+        data = minari.storage.get_dataset_path(dataset_id) / "data" / "main_data.hdf5"
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    torch.save(checkpoint_of("iql", torch.nn.Linear(3, 1), gym.make("Pendulum-v1"), dataset_id), tmp_path / "c.pt")
+    code, error = exit_code_and_error(capsys, "--policy", "checkpoint", "--checkpoint", tmp_path / "c.pt")
+    local = minari.storage.get_dataset_path(dataset_id) if case != "malformed id" else None
+    expected = {
+        "malformed id": "the checkpoint's dataset '../../x' is not a valid Minari dataset id: ids look like",
+        "not local": f"collect/nowhere/absent-v0 is not in the local store ({local}): pass --env",
+        "damaged": f"at {local} is damaged and cannot be read",
+    }[case]
+    assert code == 2 and expected in error, error
+    if case == "damaged":
+        assert f"Delete the folder {local} and download it again" in error
 
 
 def test_existing_dataset_is_kept_unless_overwrite(minari_root):
@@ -291,7 +408,8 @@ def test_existing_dataset_is_kept_unless_overwrite(minari_root):
     argv += ["--dataset-id", "collect/pendulum/twice-v0"]
     record(*argv)
     with pytest.raises(collect.UserError, match="already exists.*--overwrite"):
-        record(*argv)
+        record(*argv, "--episodes", 2)
+    assert minari.load_dataset("collect/pendulum/twice-v0").total_episodes == 1
     assert record(*argv, "--episodes", 2, "--overwrite").total_episodes == 2
 
 
@@ -320,9 +438,8 @@ def test_sigint_mid_training_checkpoints_and_resume_makes_the_uninterrupted_data
     """SIGINT after the first periodic teacher checkpoint: exit 130 with a resume hint; --resume finishes the
     training and records a dataset identical to an uninterrupted run's (Pendulum's state is saved exactly)."""
     argv = [
-        "--env", "Pendulum-v1", "--policy", "sac", "--sac-data", "both", "--teacher-steps", 1500,
-        "--learning-starts", 100, "--batch-size", 32, "--hidden-dim", 16, "--max-episode-steps", 50,
-        "--episodes", 2, "--ref-episodes", 1, "--checkpoint-every", 100,
+        *TINY_SAC, "--sac-data", "both", "--teacher-steps", 600, "--learning-starts", 100,
+        "--max-episode-steps", 50, "--episodes", 2, "--ref-episodes", 1, "--checkpoint-every", 100,
     ]  # fmt: skip
     proc = start_collect(*argv, "--dataset-id", "collect/pendulum/resumed-v0", "--output", tmp_path / "resumed")
     deadline = time.time() + 120
@@ -335,28 +452,32 @@ def test_sigint_mid_training_checkpoints_and_resume_makes_the_uninterrupted_data
     run_dir = next((tmp_path / "resumed").glob("Pendulum-v1__collect-sac__*"))
     assert f"python collect.py --resume {run_dir}" in output
     ckpt = torch.load(run_dir / "teacher_training.pt", weights_only=True)
-    assert 100 <= ckpt["step"] < 1500 and len(ckpt["buffer"]["obs"]) == ckpt["step"]
+    assert 100 <= ckpt["step"] < 600 and len(ckpt["buffer"]["obs"]) == ckpt["step"]
     assert "collect/pendulum/resumed-v0" not in minari.list_local_datasets()
 
     result = run_script("collect.py", "--resume", run_dir, timeout=240, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     resumed = minari.load_dataset("collect/pendulum/resumed-v0")
-    assert resumed.total_episodes == 1500 // 50 + 2 and (run_dir / "teacher.pt").is_file()
+    assert resumed.total_episodes == 600 // 50 + 2 and (run_dir / "teacher.pt").is_file()
     assert_flags_end_each_episode(resumed)
-
     uninterrupted = record(*argv, "--dataset-id", "collect/pendulum/uninterrupted-v0", "--output", tmp_path / "u")
-    for x, y in zip(episodes(uninterrupted), episodes(resumed), strict=True):
-        np.testing.assert_array_equal(x.observations, y.observations)
-        np.testing.assert_array_equal(x.actions, y.actions)
-        np.testing.assert_array_equal(x.rewards, y.rewards)
+    assert_same_episodes(uninterrupted, resumed)
 
 
-def test_resume_refuses_other_flags_and_non_checkpoints(minari_root, tmp_path):
-    with pytest.raises(collect.UserError, match="not a collect.py --policy sac run folder"):
-        record("--resume", tmp_path)
-    torch.save({"algo": "collect-sac-training", "args": {}}, tmp_path / "teacher_training.pt")
-    with pytest.raises(collect.UserError, match="only --device may be given"):
-        record("--resume", tmp_path, "--episodes", 3)
+def test_resume_keeps_the_runs_arguments_and_refuses_changes(tmp_path):
+    """The command line is parsed against the saved Args: --device may change; a flag that restates a saved value
+    is no change; anything else is refused by name. A folder without a training checkpoint is refused too."""
+    with pytest.raises(collect.UserError, match="nor a folder with teacher_training.pt"):
+        collect.parse_args(["--resume", str(tmp_path)])
+    saved = collect.Args(env="Pendulum-v1", policy="sac", episodes=7, seed=5)
+    state = {"algo": "collect-sac-training", "args": dataclasses.asdict(saved), "argv": ["--env", "Pendulum-v1"]}
+    torch.save(state, tmp_path / "teacher_training.pt")
+    for extra in (["--device", "cpu"], ["--device", "cpu", "--episodes", "7"]):
+        args, loaded, run_dir = collect.parse_args(["--resume", str(tmp_path), *extra])
+        assert args == dataclasses.replace(saved, resume=str(tmp_path), device="cpu") and run_dir == tmp_path
+        assert loaded["argv"] == state["argv"]
+    with pytest.raises(collect.UserError, match=r"only --device may be given with --resume, not \['--episodes', "):
+        collect.parse_args(["--resume", str(tmp_path), "--episodes", "3", "--seed", "2"])
 
 
 def test_sigint_while_recording_leaves_no_dataset_and_a_rerun_needs_no_overwrite(minari_root):
