@@ -45,6 +45,29 @@ def wait_for(condition, proc, timeout=180.0):
         time.sleep(0.05)
 
 
+def script_pids(out: Path):
+    markers = (marker.read_text().split() for marker in out.glob(f"*/{sweep.MARKER}"))
+    return [int(marker[1]) for marker in markers if len(marker) == 2]
+
+
+def signal_to(pid, sig):
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:  # the script has just exited
+        return False
+
+
+def told_to_stop(pid):
+    """A paused script has SIGINT or SIGTERM pending (or has exited), per /proc/<pid>/status."""
+    try:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except FileNotFoundError:
+        return True
+    pending = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+    return status["State"].split()[0] == "Z" or bool(pending & (1 << signal.SIGINT - 1 | 1 << signal.SIGTERM - 1))
+
+
 def step_of(run_dir: Path):
     last = run_dir / "checkpoints" / "last.pt"
     return torch.load(last, weights_only=True)["step"] if last.exists() else None
@@ -61,10 +84,15 @@ def grid(pendulum, tmp_path_factory):
     names = [f"{pendulum.replace('/', '-')}__{a}__{s}" for a in ("iql", "cql") for s in (0, 1)]
     launches = []
 
-    # 1: Ctrl-C (SIGINT to the process group, as a terminal sends it) once a run has written a checkpoint
+    # 1: Ctrl-C (SIGINT to the process group, as a terminal sends it) once a run has written a checkpoint. The
+    # running scripts are paused (SIGSTOP) until the stop signal reaches them, so that none can finish in between
     first = launch(grid_file)
     wait_for(lambda: list(out.glob("*/checkpoints/step_*.pt")), first)
+    paused = [pid for pid in script_pids(out) if signal_to(pid, signal.SIGSTOP)]
     os.killpg(first.pid, signal.SIGINT)
+    wait_for(lambda: all(told_to_stop(pid) for pid in paused), first)
+    for pid in paused:
+        signal_to(pid, signal.SIGCONT)
     output, _ = first.communicate(timeout=150)
     launches.append({"code": first.returncode, "out": output, "steps": {n: step_of(out / n) for n in names}})
 
