@@ -240,9 +240,6 @@ DATASET_NAMES = {
     "mujoco": ("ant|humanoid|invertedpendulum|inverteddoublependulum|pusher|reacher|swimmer", "simple|medium|expert",
                "0", "mujoco/{task}/{kind}-v0"),
 }  # fmt: skip
-D4RL_LOCOMOTION = (
-    r"(halfcheetah|hopper|walker2d|ant)-(random|medium|expert|medium-replay|medium-expert|full-replay)-v\d"
-)
 
 
 def resolve_dataset_id(name: str) -> str:
@@ -252,18 +249,14 @@ def resolve_dataset_id(name: str) -> str:
     for tasks, kinds, versions, template in DATASET_NAMES.values():
         if m := re.fullmatch(rf"(?P<task>{tasks})-(?P<kind>{kinds})-v[{versions}]", name):
             return template.format(**m.groupdict())
-    if m := re.fullmatch(D4RL_LOCOMOTION, name):
-        raise UserError(
-            f"'{name}' is a D4RL locomotion dataset, which Minari does not host; its own MuJoCo "
-            f"datasets are closest: mujoco/{m[1]}/simple-v0, medium-v0, expert-v0 ({m[1]}-medium-v0)"
-        )
     known = [f"{task}-{kind}-{template[-2:]}" for tasks, kinds, _, template in DATASET_NAMES.values()
              for task in tasks.split("|") for kind in kinds.split("|")]  # fmt: skip
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    raise UserError(
-        f"unknown dataset '{name}'.{' Did you mean ' + ' or '.join(close) + '?' if close else ''} Give a D4RL-style "
-        "name (door-human-v2, antmaze-umaze-v1, kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/'."
-    )
+    suggest = f" Did you mean {' or '.join(close)}?" if close else ""
+    if d4rl := re.match(r"(halfcheetah|hopper|walker2d|ant)-", name):
+        suggest = f" Minari does not host D4RL locomotion; closest: mujoco/{d4rl[1]}/simple-v0, medium-v0, expert-v0."
+    raise UserError(f"unknown dataset '{name}'.{suggest} Give a D4RL-style name (door-human-v2, antmaze-umaze-v1, "
+                    "kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/'.")  # fmt: skip
 
 
 def domain_of(dataset_id: str) -> str:
@@ -289,8 +282,8 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
     except Exception as e:
         if (local / "data").exists():
             raise UserError(
-                f"the local copy of the dataset at {local} is damaged ({type(e).__name__}: {str(e)[:200]})"
-                f", as a partial copy is: delete the folder {local}, then download or copy it again."
+                f"the local copy of the dataset at {local} is damaged ({type(e).__name__}: {str(e)[:200]}),"
+                f" as a partial copy is: delete the folder {local}, then download or copy it again."
             ) from e
         raise UserError(f"dataset '{dataset_id}' is not in the local Minari store ({local}) and downloading it failed "
                         f"({type(e).__name__}: {str(e)[:200]}). Without network: run `minari download {dataset_id}` "
@@ -298,18 +291,14 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
                         "to the copy); or record a dataset with collect.py (README).") from e  # fmt: skip
 
 
-def flatten_into(space: gym.Space, obs, out: np.ndarray) -> int:
-    """Write (T, ...) observations into float32 rows `out` (T, D), casting as it goes; dict keys in the
-    space's order, the order of gymnasium's FlattenObservation wrapper used on the evaluation env."""
+def flatten(space: gym.Space, obs) -> np.ndarray:
+    """(T, ...) observations -> rows (T, D); dict keys in the space's order, the order of gymnasium's
+    FlattenObservation wrapper used on the evaluation env."""
     if isinstance(space, gym.spaces.Dict):
-        col = 0
-        for key in space.spaces:
-            col += flatten_into(space[key], obs[key], out[:, col:])
-        return col
+        return np.concatenate([flatten(space[key], obs[key]) for key in space.spaces], axis=1)
     if not isinstance(space, gym.spaces.Box):
         raise UserError(f"unsupported observation space {space}: only Box and Dict of Box are handled")
-    out[:, : gym.spaces.flatdim(space)] = np.reshape(obs, (len(out), -1))
-    return gym.spaces.flatdim(space)
+    return np.reshape(obs, (len(obs), -1))
 
 
 @dataclass
@@ -348,7 +337,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     moments, returns, t = np.zeros((2, obs.shape[1])), [], 0  # moments: sums of s and s^2 (float64) for mean, std
     for k, ep in enumerate(dataset.iterate_episodes()):
         T, row = len(ep.rewards), t + k  # episode k's T + 1 observations start at row t + k
-        flatten_into(dataset.observation_space, ep.observations, obs[row : row + T + 1])
+        obs[row : row + T + 1] = flatten(dataset.observation_space, ep.observations)
         steps[t : t + T] = np.column_stack([np.reshape(ep.actions, (T, -1)), ep.rewards, ep.terminations])
         x = obs[row : row + T + 1]
         moments += np.stack([x.sum(0, dtype=float), np.square(x, dtype=float).sum(0)])
@@ -427,8 +416,8 @@ def normalized_score(dataset: minari.MinariDataset, returns: np.ndarray) -> floa
     return float(np.mean(minari.get_normalized_score(dataset, returns)) * 100.0)
 
 
-def record_video(dataset, policy, seed: int, path: Path) -> str | None:
-    """Render one deterministic episode to a GIF; returns an explanation instead if the env cannot render."""
+def record_video(dataset, policy, seed: int, folder: Path, step: int) -> str | None:
+    """Render one deterministic episode to folder/step_<step>.gif; returns why not if the env cannot render."""
     try:
         from PIL import Image
 
@@ -438,9 +427,9 @@ def record_video(dataset, policy, seed: int, path: Path) -> str | None:
             obs, _, terminated, truncated, _ = env.step(policy(obs[None])[0])
             frames.append(env.render())
             done = terminated or truncated
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // 30, loop=0)
+        images[0].save(folder / f"step_{step}.gif", save_all=True, append_images=images[1:], duration=33, loop=0)
     except Exception as e:
         return (f"--capture-video: this env cannot render here ({type(e).__name__}: {str(e)[:200]}). MuJoCo "
                 "envs need an offscreen GL: MUJOCO_GL=egl (GPU) or osmesa (CPU, apt install libosmesa6).")  # fmt: skip
@@ -480,16 +469,12 @@ def parse_args(argv: list) -> tuple:
 
     settings = DOMAIN_SETTINGS.get(domain_of(resolve_dataset_id(args.env)), {})
     print(f"per-domain settings for {args.env}: {settings or 'none (Args defaults)'}")
-    config = []
-    if args.config:
-        try:
-            config = as_flags(yaml.safe_load(Path(args.config).read_text()) or {})
-        except (OSError, yaml.YAMLError, AttributeError) as e:
-            raise UserError(f"cannot read --config {args.config} as a YAML mapping of Args fields: {e}") from e
-        try:
-            tyro.cli(Args, args=config)  # the file alone, so that an error above names it
-        except SystemExit:
-            raise UserError(f"in --config {args.config}: its keys are Args fields, read like flags") from None
+    try:  # a config file's keys are read like flags: alone first, so that the error (printed by tyro) names it
+        config = as_flags(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else []
+        tyro.cli(Args, args=config)
+    except (OSError, yaml.YAMLError, AttributeError, SystemExit) as e:
+        raise UserError(f"in --config {args.config}: expected a YAML mapping of Args fields, read like flags"
+                        f"{'' if isinstance(e, SystemExit) else f' ({e})'}") from None  # fmt: skip
     return tyro.cli(Args, args=[*as_flags(settings), *config, *argv]), None
 
 
@@ -514,11 +499,9 @@ def check_finite(metrics: dict, since: int, step: int) -> dict:
     """The only host sync of training: at logging and checkpoint points, never per step."""
     values = {k: v.item() for k, v in metrics.items()}
     if bad := [k for k, v in values.items() if not math.isfinite(v)]:
-        raise FloatingPointError(
-            f"{', '.join(bad)} became non-finite between step {since} and step {step}; the run is stopped and its "
-            "last checkpoint (if any) was written before. The data was checked when loaded, so the optimization "
-            "diverged: lower the learning rates, or try --layer-norm against diverging critics."
-        )
+        raise FloatingPointError(f"{', '.join(bad)} became non-finite between step {since} and step {step}; the last "
+                                 "checkpoint, if any, was written before. The data was checked when loaded, so the "
+                                 "optimization diverged: lower the learning rates, or try --layer-norm.")  # fmt: skip
     return values
 
 
@@ -530,10 +513,9 @@ def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, 
     summary = {"algo": ALGO, "env": args.env, "minari_id": dataset.id, "domain": domain_of(dataset.id),
                "seed": args.seed, "steps": step, "total_steps": args.total_steps, "completed": step == args.total_steps,
                "eval_episodes": args.eval_episodes, "wall_seconds": round(clock["wall"], 2),
-               "sps": round(step / max(clock["train_seconds"], 1e-9), 2),
-               "final_normalized_score": scores[-1] if scores else None,
+               "sps": round(step / max(clock["train_seconds"], 1e-9), 2), "final_return": (returns or [None])[-1],
+               "best_return": max(returns, default=None), "final_normalized_score": (scores or [None])[-1],
                "best_normalized_score": max(scores, default=None),
-               "final_return": returns[-1] if returns else None, "best_return": max(returns, default=None),
                "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
                "versions": {m: importlib.metadata.version(m) for m in
                             ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")},
@@ -551,29 +533,28 @@ def main(argv: list) -> None:
     device = torch.device(next(d for d in available if available[d]) if args.device == "auto" else args.device)
     if not available[device.type]:
         raise UserError(f"--device {args.device} was asked for but is not available on this machine")
-    dataset_id = resolve_dataset_id(args.env)
     if args.capture_video:  # MuJoCo renders offscreen through EGL unless told otherwise
         os.environ.setdefault("MUJOCO_GL", "egl")
     common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
     torch.backends.cudnn.deterministic = True
 
-    dataset = load_dataset(dataset_id)
+    dataset = load_dataset(resolve_dataset_id(args.env))
     if args.eval_episodes and dataset.env_spec is None and dataset.storage.metadata.get("eval_env_spec") is None:
-        print(f"dataset {dataset_id} has no environment: training without evaluation (--eval-episodes 0)")
+        print(f"dataset {dataset.id} has no environment: training without evaluation (--eval-episodes 0)")
         args = dataclasses.replace(args, eval_episodes=0, capture_video=False)
     buffer, stats = load_buffer(dataset, args, device)
     obs_dim, act_dim = buffer.obs.shape[1], len(stats["action_low"])
-    print(f"dataset {dataset_id}: {len(buffer.steps)} transitions, {dataset.total_episodes} episodes, "
+    print(f"dataset {dataset.id}: {len(buffer.steps)} transitions, {dataset.total_episodes} episodes, "
           f"obs {obs_dim}, actions {act_dim}, rewards '{args.reward_transform}', device {device}")  # fmt: skip
     if args.eval_episodes:  # evaluation envs, built once
         envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * args.eval_episodes)
-        env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
-        if env_sizes != (obs_dim, act_dim):
-            raise UserError(f"the evaluation env of {dataset_id} has observation and action sizes {env_sizes}, "
+        if (sizes := (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)) != (
+                obs_dim, act_dim):  # fmt: skip
+            raise UserError(f"the evaluation env of {dataset.id} has observation and action sizes {sizes}, "
                             f"the dataset {(obs_dim, act_dim)}: they do not match")  # fmt: skip
 
-    name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output) / name if ckpt is None else Path(args.resume)  # a resumed run stays in its folder
+    run_dir = Path(args.resume) if ckpt else Path(args.output) / (  # a resumed run stays in its folder
+        args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}")  # fmt: skip
     if ckpt is None and (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
     try:
@@ -602,17 +583,16 @@ def main(argv: list) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit with a resume hint
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
-    nets["actor"].train()
-    t_session, wall_before = time.time(), clock["wall"]
-    t_window, last_check, last_score = time.time(), start, None  # SPS window: evaluations/checkpoints excluded
+    # wall clock of the whole run (across resumes); SPS over the training steps only, evaluations/checkpoints excluded
+    t_start, t_window, last_check, last_score = time.time() - clock["wall"], time.time(), start, None
     for step in (pbar := tqdm(range(start + 1, args.total_steps + 1), initial=start, total=args.total_steps)):
         metrics = update(*buffer.sample(args.batch_size))
         final = step == args.total_steps
 
         if step % args.log_every == 0 or final:
             values = check_finite(metrics, last_check, step)
-            clock["train_seconds"] += time.time() - t_window
-            values["charts/SPS"] = (step - last_check) / max(time.time() - t_window, 1e-9)
+            clock["train_seconds"] += (seconds := time.time() - t_window)
+            values["charts/SPS"] = (step - last_check) / max(seconds, 1e-9)
             values["charts/learning_rate"] = float(opts["actor_opt"].param_groups[0]["lr"])
             for k, v in values.items():
                 writer.add_scalar(k, v, step)
@@ -628,23 +608,22 @@ def main(argv: list) -> None:
             history.append({"step": step, "return": float(returns.mean()), "return_std": float(returns.std()),
                             "length": float(lengths.mean()), "normalized_score": score,
                             "seconds": round(time.time() - t_pause, 3)})  # fmt: skip
-            for tag, value in (("return", returns.mean()), ("length", lengths.mean()), ("normalized_score", score)):
-                if value is not None:
-                    writer.add_scalar(f"eval/{tag}", value, step)
+            for tag in ("return", "length", "normalized_score"):
+                if history[-1][tag] is not None:
+                    writer.add_scalar(f"eval/{tag}", history[-1][tag], step)
             last_score = f"{returns.mean() if score is None else score:.1f}"
-            if args.capture_video:
-                if message := record_video(dataset, policy, seeds[0], run_dir / "videos" / f"step_{step}.gif"):
-                    tqdm.write(message)
-                    args.capture_video = False
+            if args.capture_video and (message := record_video(dataset, policy, seeds[0], run_dir / "videos", step)):
+                tqdm.write(message)
+                args.capture_video = False
             nets["actor"].train()
-            clock["wall"] = wall_before + time.time() - t_session
+            clock["wall"] = time.time() - t_start
             write_summary(run_dir, args, dataset, history, step, clock)
 
         if step % args.checkpoint_every == 0 or final or stop:
             check_finite(metrics, last_check, step)
-            clock["wall"] = wall_before + time.time() - t_session
+            clock["wall"] = time.time() - t_start
             state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()} | dict(
-                algo=ALGO, minari_id=dataset_id, step=step, args=dataclasses.asdict(args), clock=clock,
+                algo=ALGO, minari_id=dataset.id, step=step, args=dataclasses.asdict(args), clock=clock,
                 normalization=stats, eval_history=history, rng=common.get_rng_states(buffer.generator))  # fmt: skip
             common.save_checkpoint(run_dir, state, step, args.keep_checkpoints)
         t_window += time.time() - t_pause

@@ -200,16 +200,14 @@ def test_dict_observations_are_flattened_in_gymnasiums_flatten_order():
     space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (3,)), "achieved_goal": gym.spaces.Box(-1, 1, (2,))})
     samples = [space.sample() for _ in range(4)]
     stacked = {k: np.stack([s[k] for s in samples]) for k in space.spaces}
-    out = np.empty((4, 5), np.float32)
-    assert iql.flatten_into(space, stacked, out) == 5
-    np.testing.assert_allclose(out, np.stack([gym.spaces.flatten(space, s) for s in samples]))
+    np.testing.assert_allclose(iql.flatten(space, stacked), np.stack([gym.spaces.flatten(space, s) for s in samples]))
 
 
 def test_pointmaze_dataset_flattening_matches_the_eval_env_wrapper(pointmaze):
     dataset = minari.load_dataset(pointmaze)
     episode = dataset[0]
-    flat = np.empty((len(episode.rewards) + 1, gym.spaces.flatdim(dataset.observation_space)), np.float32)
-    iql.flatten_into(dataset.observation_space, episode.observations, flat)
+    flat = iql.flatten(dataset.observation_space, episode.observations)
+    assert flat.shape == (len(episode.rewards) + 1, gym.spaces.flatdim(dataset.observation_space))
     env = iql.make_eval_env(dataset)
     obs, _ = env.reset(seed=0)
     assert isinstance(env, gym.wrappers.FlattenObservation) and obs.shape == flat.shape[1:]
