@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +36,7 @@ import common
 ALGO = "iql"
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
     seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
@@ -301,7 +300,7 @@ def flatten(space: gym.Space, obs) -> np.ndarray:
     return np.reshape(obs, (len(obs), -1))
 
 
-@dataclass
+@dataclasses.dataclass
 class Buffer:
     """The whole dataset on the device. Each observation is stored once: an episode of T steps keeps its T + 1
     observations as consecutive rows of `obs`, and transition i is s = obs[rows[0, i]], s' = obs[rows[1, i]]
@@ -399,8 +398,7 @@ def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
     """One episode per sub-env, all run in lockstep with one batched policy forward per step. A finished
     sub-env is reset by Gymnasium (on its next step, or at once), so only each sub-env's first episode counts."""
     obs, _ = envs.reset(seed=seeds)
-    returns, lengths = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=np.int64)
-    done = np.zeros(envs.num_envs, dtype=bool)
+    returns, lengths, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, np.int64), np.zeros(envs.num_envs, bool)
     while not done.all():
         obs, reward, terminated, truncated, _ = envs.step(policy(obs))
         returns += np.where(done, 0.0, reward)
@@ -422,14 +420,13 @@ def record_video(dataset, policy, seed: int, folder: Path, step: int) -> str | N
         from PIL import Image
 
         env = make_eval_env(dataset, render_mode="rgb_array")
-        obs, frames, done = env.reset(seed=seed)[0], [env.render()], False
+        obs, frames, done = env.reset(seed=seed)[0], [Image.fromarray(env.render())], False
         while not done:
             obs, _, terminated, truncated, _ = env.step(policy(obs[None])[0])
-            frames.append(env.render())
+            frames.append(Image.fromarray(env.render()))
             done = terminated or truncated
         folder.mkdir(parents=True, exist_ok=True)
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(folder / f"step_{step}.gif", save_all=True, append_images=images[1:], duration=33, loop=0)
+        frames[0].save(folder / f"step_{step}.gif", save_all=True, append_images=frames[1:], duration=33, loop=0)
     except Exception as e:
         return (f"--capture-video: this env cannot render here ({type(e).__name__}: {str(e)[:200]}). MuJoCo "
                 "envs need an offscreen GL: MUJOCO_GL=egl (GPU) or osmesa (CPU, apt install libosmesa6).")  # fmt: skip
@@ -628,11 +625,12 @@ def main(argv: list) -> None:
             common.save_checkpoint(run_dir, state, step, args.keep_checkpoints)
         t_window += time.time() - t_pause
         if stop:
-            writer.close()
-            print(f"\ninterrupted at step {step}; checkpoint saved. Resume with: python {ALGO}.py --resume {run_dir}")
-            sys.exit(128 + stop[0])
+            break
 
     writer.close()
+    if stop:
+        print(f"\ninterrupted at step {step}; checkpoint saved. Resume with: python {ALGO}.py --resume {run_dir}")
+        sys.exit(128 + stop[0])
     write_summary(run_dir, args, dataset, history, args.total_steps, clock)
     print(f"done: {run_dir} (final score {last_score})")
 

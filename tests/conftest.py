@@ -12,7 +12,7 @@ from datasets import inverted_pendulum_controller, make_dataset
 ROOT = Path(__file__).resolve().parent.parent
 PENDULUM = "local/pendulum/random-v0"  # Box observations, reference scores set
 POINTMAZE = "local/pointmaze/umaze-random-v0"  # dict observations (gymnasium-robotics point maze)
-DOOR = "D4RL/door/human-v2"  # an Adroit door dataset under the real D4RL id (random actions, 50-step episodes)
+DOOR = "D4RL/door/human-v2"  # an Adroit door dataset under the real D4RL id (random actions, 20-step episodes)
 INVERTED = "local/invertedpendulum/noisy-v0"  # known behaviour policy: linear controller + N(0, 2.5^2) noise
 INVERTED_REF = (5.0, 1000.0)  # random policy ~5, perfect balancing 1000
 
@@ -39,7 +39,7 @@ def pointmaze(minari_root) -> str:
 
 @pytest.fixture(scope="session")
 def door(minari_root) -> str:
-    make_dataset(DOOR, "AdroitHandDoor-v1", 3, max_episode_steps=50, ref=(-50.0, 3000.0))
+    make_dataset(DOOR, "AdroitHandDoor-v1", 3, max_episode_steps=20, ref=(-50.0, 3000.0))
     return DOOR
 
 
