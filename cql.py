@@ -5,8 +5,7 @@ actions cannot look better than the data: CQL(H) with importance sampling, as in
 reference code's Lagrange, max-backup and BC-warm-up options. Paper: "Conservative Q-Learning for Offline
 Reinforcement Learning", Aviral Kumar, Aurick Zhou, George Tucker, Sergey Levine, NeurIPS 2020, arXiv:2006.04779.
 Read on: Args and per-domain settings, networks, losses and the update (the algorithm), then data, evaluation,
-plumbing and the training loop. Usage and metrics: README.md, "CQL".
-"""
+plumbing and the training loop. Usage and metrics: README.md, "CQL"."""
 
 import dataclasses
 import difflib

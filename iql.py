@@ -4,8 +4,7 @@ V(s) towards Q(s, a) over dataset actions approximates a max over in-support act
 against V(s'), and the policy is extracted with advantage-weighted regression (AWR).
 Paper: "Offline Reinforcement Learning with Implicit Q-Learning", Ilya Kostrikov, Ashvin Nair, Sergey Levine,
 ICLR 2022, arXiv:2110.06169. Read on: Args and per-domain settings, networks, losses and the update (the
-algorithm), then data, evaluation, plumbing and the training loop. Usage and metrics: README.md, "IQL".
-"""
+algorithm), then data, evaluation, plumbing and the training loop. Usage and metrics: README.md, "IQL"."""
 
 import dataclasses
 import difflib
