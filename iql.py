@@ -69,7 +69,7 @@ class Args:
     deterministic_actor: bool = False  # advantage-weighted MSE of a deterministic actor, not a Gaussian likelihood
     actor_dropout: float = 0.0  # dropout rate in the actor's hidden layers
     layer_norm: bool = False  # LayerNorm in the critics' hidden layers
-    orthogonal_init: bool = True  # orthogonal initialisation (gain sqrt 2) of every layer, as in the official code
+    orthogonal_init: bool = False  # the official code's orthogonal init (gain sqrt 2); default PyTorch's (see README)
     cosine_actor_lr: bool = True  # cosine decay of the actor learning rate to 0 over total_steps
     normalize_states: bool = True  # standardize observations with the dataset mean/std (also at evaluation)
     reward_transform: Literal["none", "locomotion", "antmaze"] = "none"  # locomotion: r*1000/spread; antmaze: r-1
@@ -134,7 +134,8 @@ class Actor(nn.Module):
 
 
 def make_networks(args: Args, obs_dim: int, act_dim: int) -> dict:
-    """Actor, twin critics and their Polyak copy, value net; orthogonal init (gain sqrt 2) everywhere."""
+    """Actor, twin critics and their Polyak copy, value net. PyTorch's default init, as CORL: the official code's
+    orthogonal init (gain sqrt 2, --orthogonal-init) made the actor collapse for thousands of steps on Hopper."""
     actor = Actor(obs_dim, act_dim, args.hidden_dim, args.n_hidden, args.actor_dropout, args.deterministic_actor)
     critic = TwinQ(obs_dim, act_dim, args.hidden_dim, args.n_hidden, args.layer_norm)
     value = mlp(obs_dim, 1, args.hidden_dim, args.n_hidden)

@@ -319,15 +319,23 @@ def test_compiled_update_equals_eager_follows_the_cosine_schedule_and_never_reco
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5)
 
 
-def test_orthogonal_init_has_gain_sqrt2_on_every_layer_output_layers_included():
-    nets, *_ = build()
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_default_init_is_pytorchs_and_orthogonal_init_has_gain_sqrt2_on_every_layer(orthogonal):
+    """Default: PyTorch's nn.Linear init, weights and biases uniform in +-1/sqrt(fan_in) (CORL); --orthogonal-init:
+    the official code's orthogonal weights with gain sqrt 2 on every layer, output layers included, zero biases."""
+    nets, *_ = build(orthogonal_init=orthogonal)
     for name in ("actor", "critic", "value"):
         layers = [m for m in nets[name].modules() if hasattr(m, "weight") and m.weight.dim() >= 2]
         assert len(layers) == 3, name  # 2 hidden + output
         for layer in layers:
+            bias, fan_in = layer.bias.detach(), layer.weight.shape[-1 if isinstance(layer, torch.nn.Linear) else -2]
             for w in layer.weight.detach().view(-1, *layer.weight.shape[-2:]):
-                w = w if w.shape[0] >= w.shape[1] else w.T  # columns orthonormal up to the gain
-                torch.testing.assert_close(w.T @ w, 2.0 * torch.eye(w.shape[1]), atol=1e-5, rtol=0)
+                if orthogonal:
+                    w = w if w.shape[0] >= w.shape[1] else w.T  # columns orthonormal up to the gain
+                    torch.testing.assert_close(w.T @ w, 2.0 * torch.eye(w.shape[1]), atol=1e-5, rtol=0)
+                else:  # uniform in +-1/sqrt(fan_in): its std is 1/sqrt(3 fan_in)
+                    assert w.abs().max() <= fan_in**-0.5 and w.std() == pytest.approx((3 * fan_in) ** -0.5, rel=0.3)
+            assert (bias == 0).all() if orthogonal else (bias.abs().max() <= fan_in**-0.5 and (bias != 0).any())
 
 
 BF16_ADVANTAGE_TOLERANCE = 0.05  # |A_bf16 - A_fp32| at Q, V ~ 100; bf16's spacing at 100 is 0.5
