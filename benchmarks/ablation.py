@@ -16,9 +16,11 @@ in the table comes from that piece alone. Single changes are made to the officia
     constant-lr    no actor LR decay (--no-cosine-actor-lr); the official code decays over a fixed 1e6 steps,
                    which at 20k steps is 0.1% below constant
     corl           CORL: default init, CORL's order and clamp (CORL's cosine over --total-steps is the official one)
+    default-init+constant-lr   both changes that helped, together
 
-Runs go to <output>/<variant>/; a finished run is not run again (delete its folder to redo it), so running the same
-command again prints the table at once. The table counts a "collapse" when an evaluation falls below a fraction
+Runs go to <output>/<variant>/; a finished run is not run again (delete its folder to redo it) and an interrupted one
+resumes from its checkpoint, so running the same command again prints the table at once. Run one invocation at a
+time per output folder. The table counts a "collapse" when an evaluation falls below a fraction
 (--collapse, default 0.25) of the same run's best evaluation (for tasks with positive returns, such as Hopper).
 """
 
@@ -44,6 +46,7 @@ FLAGS = {  # variant -> iql.py flags; patch() below replaces what has no flag
     "std-clamp": ["--orthogonal-init"],
     "constant-lr": ["--orthogonal-init", "--no-cosine-actor-lr"],
     "corl": ["--no-orthogonal-init"],
+    "default-init+constant-lr": ["--no-orthogonal-init", "--no-cosine-actor-lr"],
 }
 VARIANTS = tuple(FLAGS)
 
@@ -182,10 +185,12 @@ def run(args: Args, variant: str, seed: int) -> dict:
     if not (summary.exists() and json.loads(summary.read_text())["completed"]):
         argv = ["--env", args.env, "--seed", seed, "--total-steps", args.total_steps, "--eval-every", args.eval_every,
                 "--eval-episodes", args.eval_episodes, "--output", out, "--run-name", name, "--checkpoint-every",
-                args.total_steps, *FLAGS[variant], *args.extra.split()]  # fmt: skip
+                args.eval_every, *FLAGS[variant], *args.extra.split()]  # fmt: skip
+        if (out / name / "checkpoints" / "last.pt").exists():  # interrupted before: go on from its checkpoint
+            argv = ["--resume", out / name]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"{name}.log", "w") as log:
+        with open(out / f"{name}.log", "a") as log:
             cmd = [sys.executable, __file__, "--child", variant, *map(str, argv)]
             code = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         if code != 0:
