@@ -317,6 +317,7 @@ def main(argv: list) -> int:
     failed, status = [], None
     bar = tqdm(total=len(runs), initial=counts["completed"], unit="run", dynamic_ncols=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (e.g. from SLURM) stops runs like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with `&`, which ignores SIGINT
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

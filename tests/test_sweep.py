@@ -36,7 +36,7 @@ def launch(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
-def wait_for(condition, proc, timeout=180.0):
+def wait_for(condition, proc, timeout=300.0):
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None or time.time() > deadline:
