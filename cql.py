@@ -648,13 +648,13 @@ def main(argv: list) -> None:
           f"obs {obs_dim}, actions {act_dim}, rewards '{args.reward_transform}', device {device}")  # fmt: skip
     if args.eval_episodes:  # evaluation envs, built once
         envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * args.eval_episodes)
-        if (sizes := (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)) != (
-                obs_dim, act_dim):  # fmt: skip
-            raise UserError(f"the evaluation env of {dataset.id} has observation and action sizes {sizes}, "
+        env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
+        if env_sizes != (obs_dim, act_dim):
+            raise UserError(f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, "
                             f"the dataset {(obs_dim, act_dim)}: they do not match")  # fmt: skip
 
-    run_dir = Path(args.resume) if ckpt else Path(args.output) / (  # a resumed run stays in its folder
-        args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}")  # fmt: skip
+    name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output) / name if ckpt is None else Path(args.resume)  # a resumed run stays in its folder
     if ckpt is None and (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
     try:

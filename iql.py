@@ -116,6 +116,8 @@ class Actor(nn.Module):
     """pi(a|s) = N(tanh(MLP(s)), exp(log_std)) with a state-independent log-std (official IQL), or the
     deterministic mean alone. Dropout, if any, is active in train() mode only."""
 
+    log_std_min, log_std_max = -5.0, 2.0  # the official code's bounds (CORL: -20, 2)
+
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int, dropout: float, deterministic: bool):
         super().__init__()
         self.net = mlp(obs_dim, act_dim, hidden, n_hidden, dropout)
@@ -128,7 +130,7 @@ class Actor(nn.Module):
         mean = self(obs)
         if self.log_std is None:  # deterministic: -||mu(s) - a||^2, a unit Gaussian's log-density up to constants
             return -((mean - actions) ** 2).sum(-1)
-        log_std = self.log_std.clamp(-5.0, 2.0)
+        log_std = self.log_std.clamp(self.log_std_min, self.log_std_max)
         z = (actions - mean) * torch.exp(-log_std)
         return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
@@ -545,13 +547,13 @@ def main(argv: list) -> None:
           f"obs {obs_dim}, actions {act_dim}, rewards '{args.reward_transform}', device {device}")  # fmt: skip
     if args.eval_episodes:  # evaluation envs, built once
         envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * args.eval_episodes)
-        if (sizes := (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)) != (
-                obs_dim, act_dim):  # fmt: skip
-            raise UserError(f"the evaluation env of {dataset.id} has observation and action sizes {sizes}, "
+        env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
+        if env_sizes != (obs_dim, act_dim):
+            raise UserError(f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, "
                             f"the dataset {(obs_dim, act_dim)}: they do not match")  # fmt: skip
 
-    run_dir = Path(args.resume) if ckpt else Path(args.output) / (  # a resumed run stays in its folder
-        args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}")  # fmt: skip
+    name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output) / name if ckpt is None else Path(args.resume)  # a resumed run stays in its folder
     if ckpt is None and (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
     try:

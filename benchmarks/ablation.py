@@ -104,14 +104,7 @@ def patch(iql, variant: str) -> None:
 
         iql.make_networks = networks
     if variant in ("std-clamp", "corl"):
-
-        def log_prob(self, obs, actions):  # iql.Actor.log_prob with CORL's clamp
-            mean = self(obs)
-            log_std = self.log_std.clamp(-20.0, 2.0)
-            z = (actions - mean) * torch.exp(-log_std)
-            return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-        iql.Actor.log_prob = log_prob
+        iql.Actor.log_std_min = -20.0  # CORL's lower bound
     if variant in ("corl-order", "corl"):
         iql.make_update = corl_order_update(iql, common, torch)
 
@@ -147,16 +140,8 @@ def corl_order_update(iql, common, torch):
             opts["scheduler"].step()
 
             common.soft_update(target_critic, critic, args.tau)
-            metrics = dict(
-                value_loss=value_loss,
-                actor_loss=actor_loss,
-                critic_loss=critic_loss,
-                q_mean=q.mean(),
-                v_mean=v.mean(),
-                advantage_mean=advantage.mean(),
-                awr_weight_mean=weights.mean(),
-            )
-            return {f"losses/{k}": x.detach() for k, x in metrics.items()}
+            losses = dict(value_loss=value_loss, actor_loss=actor_loss, critic_loss=critic_loss)
+            return {f"losses/{k}": x.detach() for k, x in losses.items()}
 
         if args.bf16:
             update = torch.autocast(next(critic.parameters()).device.type, torch.bfloat16)(update)
