@@ -58,9 +58,9 @@ class BatchedLayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
 
 
-def orthogonal_init(module: nn.Module, gain: float = math.sqrt(2)) -> None:
+def orthogonal_init(*modules: nn.Module, gain: float = math.sqrt(2)) -> None:
     """Orthogonal weights (each ensemble member separately) and zero biases, as in the official IQL code."""
-    for m in module.modules():
+    for m in (m for module in modules for m in module.modules()):
         if isinstance(m, nn.Linear | BatchedLinear):
             for w in m.weight.data.view(-1, *m.weight.shape[-2:]):  # one matrix, or one per member
                 nn.init.orthogonal_(w, gain)

@@ -1,11 +1,11 @@
 """Implicit Q-Learning (IQL), a single-file implementation on Gymnasium + Minari.
-IQL learns a Q-function without ever querying actions outside the dataset: an expectile regression of
-V(s) towards Q(s, a) over dataset actions approximates a max over in-support actions, Q is trained by TD
-against V(s'), and the policy is extracted with advantage-weighted regression (AWR).
-Paper: "Offline Reinforcement Learning with Implicit Q-Learning", Ilya Kostrikov, Ashvin Nair, Sergey Levine,
-ICLR 2022, arXiv:2110.06169. Read on: Args and per-domain settings, networks, losses and the update (the
-algorithm), then data, evaluation, plumbing and the training loop. Usage and metrics: README.md, "IQL"."""
+IQL learns a Q-function without ever querying actions outside the dataset: an expectile regression of V(s) towards
+Q(s, a) over dataset actions approximates a max over in-support actions, Q is trained by TD against V(s'), and the
+policy is extracted with advantage-weighted regression (AWR). Paper: "Offline Reinforcement Learning with Implicit
+Q-Learning", Ilya Kostrikov, Ashvin Nair, Sergey Levine, ICLR 2022, arXiv:2110.06169. Read on: the algorithm (Args,
+per-domain settings, networks, losses, update), then data, evaluation, plumbing, training loop. Usage: README.md."""
 
+import copy
 import dataclasses
 import difflib
 import importlib.metadata
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import tyro
 import yaml
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -75,9 +76,8 @@ class Args:
     reward_transform: Literal["none", "locomotion", "antmaze"] = "none"  # locomotion: r*1000/spread; antmaze: r-1
 
 
-# Published per-domain settings of the official code (github.com/ikostrikov/implicit_q_learning:
-# configs/mujoco_config.py, antmaze_config.py, kitchen_config.py, which its README also uses for Adroit;
-# reward transforms and the 100 AntMaze evaluation episodes from train_offline.py and the README).
+# Published per-domain settings of the official code (github.com/ikostrikov/implicit_q_learning, configs/*_config.py;
+# its README uses kitchen's for Adroit; reward transforms and 100 AntMaze eval episodes: train_offline.py, README).
 # Precedence: Args defaults < this table (chosen by --env) < --config FILE.yaml < command-line flags.
 DOMAIN_SETTINGS = {
     "locomotion": {"reward_transform": "locomotion"},  # halfcheetah, hopper, walker2d: the official scaling rule
@@ -113,8 +113,7 @@ class TwinQ(nn.Module):
 
 
 class Actor(nn.Module):
-    """pi(a|s) = N(tanh(MLP(s)), exp(log_std)) with a state-independent log-std (official IQL), or the
-    deterministic mean alone. Dropout, if any, is active in train() mode only."""
+    """pi(a|s) = N(tanh(MLP(s)), exp(log_std)), the log-std state-independent (official IQL); or the mean alone."""
 
     log_std_min, log_std_max = -5.0, 2.0  # the official code's bounds (CORL: -20, 2)
 
@@ -130,9 +129,8 @@ class Actor(nn.Module):
         mean = self(obs)
         if self.log_std is None:  # deterministic: -||mu(s) - a||^2, a unit Gaussian's log-density up to constants
             return -((mean - actions) ** 2).sum(-1)
-        log_std = self.log_std.clamp(self.log_std_min, self.log_std_max)
-        z = (actions - mean) * torch.exp(-log_std)
-        return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        std = self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
+        return torch.distributions.Normal(mean, std, validate_args=False).log_prob(actions).sum(-1)
 
 
 def make_networks(args: Args, obs_dim: int, act_dim: int) -> dict:
@@ -142,11 +140,8 @@ def make_networks(args: Args, obs_dim: int, act_dim: int) -> dict:
     critic = TwinQ(obs_dim, act_dim, args.hidden_dim, args.n_hidden, args.layer_norm)
     value = mlp(obs_dim, 1, args.hidden_dim, args.n_hidden)
     if args.orthogonal_init:
-        for net in (actor, critic, value):
-            common.orthogonal_init(net)
-    target_critic = TwinQ(obs_dim, act_dim, args.hidden_dim, args.n_hidden, args.layer_norm)
-    target_critic.load_state_dict(critic.state_dict())
-    target_critic.requires_grad_(False)
+        common.orthogonal_init(actor, critic, value)
+    target_critic = copy.deepcopy(critic).requires_grad_(False)
     return {"actor": actor, "critic": critic, "target_critic": target_critic, "value": value}
 
 
@@ -154,8 +149,8 @@ def make_optimizers(nets: dict, args: Args) -> dict:
     """Adam (fused: one kernel per step) for each learner; the actor's LR follows a cosine decay to 0.
     Learning rates are tensors, so that --compile does not recompile when the schedule changes them."""
     adam = lambda net, lr: torch.optim.Adam(net.parameters(), lr=torch.tensor(lr), fused=True)  # noqa: E731
-    opts = {"actor_opt": adam(nets["actor"], args.actor_lr), "critic_opt": adam(nets["critic"], args.critic_lr)}
-    opts["value_opt"] = adam(nets["value"], args.value_lr)
+    lrs = {"actor": args.actor_lr, "critic": args.critic_lr, "value": args.value_lr}
+    opts = {f"{name}_opt": adam(nets[name], lr) for name, lr in lrs.items()}
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, args.total_steps) / args.total_steps))  # noqa: E731
     schedule = cosine if args.cosine_actor_lr else lambda s: 1.0
     return opts | {"scheduler": torch.optim.lr_scheduler.LambdaLR(opts["actor_opt"], schedule)}
@@ -189,30 +184,28 @@ def make_update(nets: dict, opts: dict, args: Args):
     the new V), then Q (target from the new V(s')), then Polyak. Returns detached loss tensors (no sync)."""
     actor, critic, target_critic, value = nets["actor"], nets["critic"], nets["target_critic"], nets["value"]
 
+    def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:  # one Adam step on one loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     def update(obs, actions, rewards, next_obs, dones):
         with torch.no_grad():
             target_q = target_critic(obs, actions).min(dim=0).values
-
         value_loss = expectile_loss(target_q - value(obs).squeeze(-1), args.expectile)
-        opts["value_opt"].zero_grad(set_to_none=True)
-        value_loss.backward()
-        opts["value_opt"].step()
+        descend(opts["value_opt"], value_loss)
 
         with torch.no_grad():
             v, next_v = value(torch.cat([obs, next_obs])).squeeze(-1).chunk(2)
             advantage = target_q - v
             weights = awr_weights(advantage, args.beta)
         actor_loss = awr_actor_loss(actor.log_prob(obs, actions), weights)
-        opts["actor_opt"].zero_grad(set_to_none=True)
-        actor_loss.backward()
-        opts["actor_opt"].step()
+        descend(opts["actor_opt"], actor_loss)
         opts["scheduler"].step()
 
         q = critic(obs, actions)
         critic_loss = td_loss(q, rewards, dones, next_v, args.discount)
-        opts["critic_opt"].zero_grad(set_to_none=True)
-        critic_loss.backward()
-        opts["critic_opt"].step()
+        descend(opts["critic_opt"], critic_loss)
 
         common.soft_update(target_critic, critic, args.tau)
         metrics = dict(value_loss=value_loss, actor_loss=actor_loss, critic_loss=critic_loss, q_mean=q.mean(),
@@ -243,13 +236,15 @@ DATASET_NAMES = {
 }  # fmt: skip
 
 
-def resolve_dataset_id(name: str) -> str:
-    """Map a D4RL-style name to its Minari id; a name containing '/' already is one."""
-    if "/" in name:
-        return name
-    for tasks, kinds, versions, template in DATASET_NAMES.values():
+def resolve_dataset_name(name: str) -> tuple[str, str]:
+    """(Minari id, DATASET_NAMES domain) of a D4RL-style name (door-human-v2) or a Minari id (containing '/')."""
+    for domain, (tasks, kinds, versions, template) in DATASET_NAMES.items():
         if m := re.fullmatch(rf"(?P<task>{tasks})-(?P<kind>{kinds})-v[{versions}]", name):
-            return template.format(**m.groupdict())
+            return template.format(**m.groupdict()), domain
+        if re.match(template.split("{kind}")[0].format(task=f"({tasks})"), name):
+            return name, domain
+    if "/" in name:
+        return name, "other"
     known = [f"{task}-{kind}-{template[-2:]}" for tasks, kinds, _, template in DATASET_NAMES.values()
              for task in tasks.split("|") for kind in kinds.split("|")]  # fmt: skip
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
@@ -258,14 +253,6 @@ def resolve_dataset_id(name: str) -> str:
         suggest = f" Minari does not host D4RL locomotion; closest: mujoco/{d4rl[1]}/simple-v0, medium-v0, expert-v0."
     raise UserError(f"unknown dataset '{name}'.{suggest} Give a D4RL-style name (door-human-v2, antmaze-umaze-v1, "
                     "kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/'.")  # fmt: skip
-
-
-def domain_of(dataset_id: str) -> str:
-    """The DATASET_NAMES domain whose id template matches (D4RL/door/... -> adroit), or "other"."""
-    for domain, (tasks, _, _, template) in DATASET_NAMES.items():
-        if re.match(template.split("{kind}")[0].format(task=f"({tasks})"), dataset_id):
-            return domain
-    return "other"
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
@@ -281,20 +268,18 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
         next(dataset.iterate_episodes(), None)  # opens main_data.hdf5: a truncated copy fails here, not in training
         return dataset
     except Exception as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
         if (local / "data").exists():
-            raise UserError(
-                f"the local copy of the dataset at {local} is damaged ({type(e).__name__}: {str(e)[:200]}),"
-                f" as a partial copy is: delete the folder {local}, then download or copy it again."
-            ) from e
+            raise UserError(f"the local copy of the dataset at {local} is damaged ({why}), as a partial copy is: "
+                            f"delete the folder {local}, then download or copy it again.") from e  # fmt: skip
         raise UserError(f"dataset '{dataset_id}' is not in the local Minari store ({local}) and downloading it failed "
-                        f"({type(e).__name__}: {str(e)[:200]}). Without network: run `minari download {dataset_id}` "
-                        f"elsewhere and copy ~/.minari/datasets/{dataset_id} to {local} (or set MINARI_DATASETS_PATH "
-                        "to the copy); or record a dataset with collect.py (README).") from e  # fmt: skip
+                        f"({why}). Without network: run `minari download {dataset_id}` elsewhere and copy "
+                        f"~/.minari/datasets/{dataset_id} to {local} (or set MINARI_DATASETS_PATH to the copy); or "
+                        "record a dataset with collect.py (README).") from e  # fmt: skip
 
 
 def flatten(space: gym.Space, obs) -> np.ndarray:
-    """(T, ...) observations -> rows (T, D); dict keys in the space's order, the order of gymnasium's
-    FlattenObservation wrapper used on the evaluation env."""
+    """(T, ...) observations -> rows (T, D); Dict keys in order, as gymnasium's FlattenObservation on the eval env."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten(space[key], obs[key]) for key in space.spaces], axis=1)
     if not isinstance(space, gym.spaces.Box):
@@ -304,9 +289,8 @@ def flatten(space: gym.Space, obs) -> np.ndarray:
 
 @dataclasses.dataclass
 class Buffer:
-    """The whole dataset on the device. Each observation is stored once: an episode of T steps keeps its T + 1
-    observations as consecutive rows of `obs`, and transition i is s = obs[rows[0, i]], s' = obs[rows[1, i]]
-    (the next row) with steps[i] = (action, reward, done). A batch is one randint and three gathers."""
+    """The whole dataset on the device, each observation stored once: an episode's T + 1 observations are consecutive
+    rows of `obs`; transition i is s = obs[rows[0, i]], s' = obs[rows[1, i]] (the next row), steps[i] = (a, r, done)."""
 
     obs: torch.Tensor  # (N + episodes, obs_dim), standardized
     steps: torch.Tensor  # (N, act_dim + 2): action in [-1, 1], transformed reward, termination
@@ -330,8 +314,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     if n_episodes == 0:
         raise UserError(f"dataset {dataset.id} has no episodes")
     low, high = space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
-    # torch's allocator, filled through numpy views: numpy asks for huge pages on big arrays, and the kernel's
-    # compaction for them made the first fill of a 1.4 GB buffer 4x slower than reading the file
+    # torch's allocator (numpy's huge-page requests made the first fill of a 1.4 GB buffer 4x slower than reading it)
     tensors = (torch.empty(n + n_episodes, gym.spaces.flatdim(dataset.observation_space)),
                torch.empty(n, len(low) + 2), torch.empty(2, n, dtype=torch.int64))  # fmt: skip
     obs, steps, rows = (x.numpy() for x in tensors)
@@ -353,8 +336,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     steps[:, :-2] = scale_actions(steps[:, :-2], low, high)
     mean = moments[0] / len(obs)
     std = np.sqrt(np.maximum(moments[1] / len(obs) - mean**2, 0.0)) + 1e-3
-    if not args.normalize_states:
-        mean, std = np.zeros_like(mean), np.ones_like(std)
+    mean, std = (mean, std) if args.normalize_states else (np.zeros_like(mean), np.ones_like(std))
     stats = {"obs_mean": torch.tensor(mean, dtype=torch.float32), "obs_std": torch.tensor(std, dtype=torch.float32)}
     tensors[0].sub_(stats["obs_mean"]).div_(stats["obs_std"])
     buffer = Buffer(*(x.to(device) for x in tensors), torch.Generator(device).manual_seed(args.seed))
@@ -379,9 +361,8 @@ def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
 
 # -------- Evaluation: vectorized envs, deterministic actions, Minari normalized score ---------------------------------
 def make_eval_env(dataset: minari.MinariDataset, **kwargs) -> gym.Env:
-    """The dataset's own evaluation env (its episode limit, not gym.make's), dict observations flattened."""
-    env = dataset.recover_environment(eval_env=True, **kwargs)
-    return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
+    """The dataset's own evaluation env (its episode limit, not gym.make's), observations flattened (Dict spaces)."""
+    return gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True, **kwargs))
 
 
 def make_policy(actor: nn.Module, stats: dict, device: torch.device):
@@ -409,18 +390,9 @@ def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
     return returns, lengths
 
 
-def normalized_score(dataset: minari.MinariDataset, returns: np.ndarray) -> float | None:
-    """Minari's (return - random) / (expert - random) x 100, or None if the dataset has no reference scores."""
-    if None in (dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")):
-        return None
-    return float(np.mean(minari.get_normalized_score(dataset, returns)) * 100.0)
-
-
 def record_video(dataset, policy, seed: int, folder: Path, step: int) -> str | None:
     """Render one deterministic episode to folder/step_<step>.gif; returns why not if the env cannot render."""
     try:
-        from PIL import Image
-
         env = make_eval_env(dataset, render_mode="rgb_array")
         obs, frames, done = env.reset(seed=seed)[0], [Image.fromarray(env.render())], False
         while not done:
@@ -436,37 +408,32 @@ def record_video(dataset, policy, seed: int, folder: Path, step: int) -> str | N
 
 # -------- TRY NOT TO MODIFY: configuration, checkpoints, summary ------------------------------------------------------
 def as_flags(settings: dict) -> list:
-    """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"]: per-domain settings and config
-    files go through tyro like flags, so their keys and types are checked by the same rules."""
-    flags = []
-    for key, value in settings.items():
-        flag = "--" + str(key).replace("_", "-")
-        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return flags
+    """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"]: tyro checks them like flags."""
+    named = {str(key).replace("_", "-"): value for key, value in settings.items()}
+    flags = [[f"--{'' if v else 'no-'}{k}"] if isinstance(v, bool) else [f"--{k}", str(v)] for k, v in named.items()]
+    return [x for flag in flags for x in flag]
 
 
 def parse_args(argv: list) -> tuple:
-    """Args defaults < DOMAIN_SETTINGS[domain of --env] < --config YAML < flags; on --resume, the checkpoint's
-    arguments (a flag that would change them is refused; only --device may differ)."""
+    """Args defaults < DOMAIN_SETTINGS[domain of --env] < --config YAML < flags, validated; on --resume, the
+    checkpoint's arguments (a flag that would change them is refused; only --device may differ)."""
     args = tyro.cli(Args, args=argv, description=__doc__)
     if args.resume:
         path = Path(args.resume) / "checkpoints" / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if ckpt["algo"] != ALGO:
+                raise ValueError(f"it is a checkpoint of {ckpt['algo']}.py")
             saved = Args(**ckpt["args"])
         except Exception as e:
             raise UserError(f"--resume {args.resume}: not a readable {ALGO}.py checkpoint ({e})") from e
-        if ckpt["algo"] != ALGO:
-            raise UserError(f"--resume {args.resume} is a checkpoint of {ckpt['algo']}.py, not of {ALGO}.py")
-        given = tyro.cli(Args, args=argv, default=saved)
-        if resolve_dataset_id(given.env) != ckpt["minari_id"]:
-            raise UserError(f"--resume {args.resume} is a checkpoint for dataset {ckpt['minari_id']}, not {given.env}")
-        if changed := [f.name for f in dataclasses.fields(Args) if getattr(given, f.name) != getattr(saved, f.name)
-                       and f.name not in ("resume", "device")]:  # fmt: skip
-            raise UserError(f"a resumed run keeps its hyperparameters; cannot change {', '.join(changed)}")
-        return dataclasses.replace(saved, resume=str(path.parent.parent), device=given.device), ckpt
+        given = dataclasses.asdict(tyro.cli(Args, args=argv, default=saved))
+        if changed := [f"{k} ({v} -> {given[k]})" for k, v in dataclasses.asdict(saved).items()
+                       if given[k] != v and k not in ("resume", "device")]:  # fmt: skip
+            raise UserError(f"a resumed run keeps its dataset and hyperparameters; cannot change {', '.join(changed)}")
+        return dataclasses.replace(saved, resume=str(path.parent.parent), device=given["device"]), ckpt
 
-    settings = DOMAIN_SETTINGS.get(domain_of(resolve_dataset_id(args.env)), {})
+    settings = DOMAIN_SETTINGS.get(resolve_dataset_name(args.env)[1], {})
     print(f"per-domain settings for {args.env}: {settings or 'none (Args defaults)'}")
     try:  # a config file's keys are read like flags: alone first, so that the error (printed by tyro) names it
         config = as_flags(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else []
@@ -474,10 +441,10 @@ def parse_args(argv: list) -> tuple:
     except (OSError, yaml.YAMLError, AttributeError, SystemExit) as e:
         raise UserError(f"in --config {args.config}: expected a YAML mapping of Args fields, read like flags"
                         f"{'' if isinstance(e, SystemExit) else f' ({e})'}") from None  # fmt: skip
-    return tyro.cli(Args, args=[*as_flags(settings), *config, *argv]), None
+    return validate(tyro.cli(Args, args=[*as_flags(settings), *config, *argv])), None
 
 
-def validate(args: Args) -> None:
+def validate(args: Args) -> Args:
     """Out-of-range hyperparameters fail here, before any data is loaded."""
     checks = [
         (args.total_steps > 0 and args.batch_size > 0, "total_steps and batch_size must be > 0"),
@@ -492,32 +459,22 @@ def validate(args: Args) -> None:
     ]  # fmt: skip
     if errors := [msg for ok, msg in checks if not ok]:
         raise UserError(f"invalid hyperparameters: {'; '.join(errors)}.")
-
-
-def check_finite(metrics: dict, since: int, step: int) -> dict:
-    """The only host sync of training: at logging and checkpoint points, never per step."""
-    values = {k: v.item() for k, v in metrics.items()}
-    if bad := [k for k, v in values.items() if not math.isfinite(v)]:
-        raise FloatingPointError(f"{', '.join(bad)} became non-finite between step {since} and step {step}; the last "
-                                 "checkpoint, if any, was written before. The data was checked when loaded, so the "
-                                 "optimization diverged: lower the learning rates, or try --layer-norm.")  # fmt: skip
-    return values
+    return args
 
 
 def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, clock: dict) -> None:
-    """summary.json, what sweep.py and report.py read, written atomically after every evaluation and at the end."""
+    """summary.json, what sweep.py and report.py read, written atomically with every checkpoint and at the end."""
     scores = [h["normalized_score"] for h in history if h["normalized_score"] is not None]
-    returns, meta = [h["return"] for h in history], dataset.storage.metadata
+    returns, packages = [h["return"] for h in history], ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")
     git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
-    summary = {"algo": ALGO, "env": args.env, "minari_id": dataset.id, "domain": domain_of(dataset.id),
+    summary = {"algo": ALGO, "env": args.env, "minari_id": dataset.id, "domain": resolve_dataset_name(dataset.id)[1],
                "seed": args.seed, "steps": step, "total_steps": args.total_steps, "completed": step == args.total_steps,
                "eval_episodes": args.eval_episodes, "wall_seconds": round(clock["wall"], 2),
                "sps": round(step / max(clock["train_seconds"], 1e-9), 2), "final_return": (returns or [None])[-1],
                "best_return": max(returns, default=None), "final_normalized_score": (scores or [None])[-1],
                "best_normalized_score": max(scores, default=None),
-               "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
-               "versions": {m: importlib.metadata.version(m) for m in
-                            ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")},
+               **{k: dataset.storage.metadata.get(k) for k in ("ref_min_score", "ref_max_score")},
+               "versions": {name: importlib.metadata.version(name) for name in packages},
                "git_commit": subprocess.run(git, capture_output=True, text=True).stdout.strip() or None,
                "args": dataclasses.asdict(args), "eval_history": history}  # fmt: skip
     (run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
@@ -527,17 +484,14 @@ def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, 
 # -------- main: set up, then the training loop ------------------------------------------------------------------------
 def main(argv: list) -> None:
     args, ckpt = parse_args(argv)
-    validate(args)
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     device = torch.device(next(d for d in available if available[d]) if args.device == "auto" else args.device)
     if not available[device.type]:
         raise UserError(f"--device {args.device} was asked for but is not available on this machine")
-    if args.capture_video:  # MuJoCo renders offscreen through EGL unless told otherwise
-        os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # --capture-video: MuJoCo renders offscreen through EGL by default
     common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
-    torch.backends.cudnn.deterministic = True
 
-    dataset = load_dataset(resolve_dataset_id(args.env))
+    dataset = load_dataset(resolve_dataset_name(args.env)[0])
     if args.eval_episodes and dataset.env_spec is None and dataset.storage.metadata.get("eval_env_spec") is None:
         print(f"dataset {dataset.id} has no environment: training without evaluation (--eval-episodes 0)")
         args = dataclasses.replace(args, eval_episodes=0, capture_video=False)
@@ -551,6 +505,7 @@ def main(argv: list) -> None:
         if env_sizes != (obs_dim, act_dim):
             raise UserError(f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, "
                             f"the dataset {(obs_dim, act_dim)}: they do not match")  # fmt: skip
+    has_scores = None not in map(dataset.storage.metadata.get, ("ref_min_score", "ref_max_score"))  # normalized score
 
     name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.output) / name if ckpt is None else Path(args.resume)  # a resumed run stays in its folder
@@ -588,8 +543,12 @@ def main(argv: list) -> None:
         metrics = update(*buffer.sample(args.batch_size))
         final = step == args.total_steps
 
-        if step % args.log_every == 0 or final:
-            values = check_finite(metrics, last_check, step)
+        if step % args.log_every == 0 or step % args.checkpoint_every == 0 or final or stop:
+            values = {k: v.item() for k, v in metrics.items()}  # the only host sync of training, never per step
+            if bad := [k for k, v in values.items() if not math.isfinite(v)]:  # stop before a checkpoint is written
+                raise FloatingPointError(f"{', '.join(bad)} became non-finite between steps {last_check} and {step}: "
+                                         "the data was checked when loaded, so the optimization diverged. Lower the "
+                                         "learning rates, or try --layer-norm.")  # fmt: skip
             clock["train_seconds"] += (seconds := time.time() - t_window)
             values["charts/SPS"] = (step - last_check) / max(seconds, 1e-9)
             values["charts/learning_rate"] = float(opts["actor_opt"].param_groups[0]["lr"])
@@ -603,28 +562,25 @@ def main(argv: list) -> None:
             nets["actor"].eval()
             seeds = [int(s) for s in np.random.SeedSequence([args.seed, step]).generate_state(args.eval_episodes)]
             returns, lengths = evaluate(envs, policy, seeds)
-            score = normalized_score(dataset, returns)
+            score = float(np.mean(minari.get_normalized_score(dataset, returns)) * 100) if has_scores else None
             history.append({"step": step, "return": float(returns.mean()), "return_std": float(returns.std()),
                             "length": float(lengths.mean()), "normalized_score": score,
                             "seconds": round(time.time() - t_pause, 3)})  # fmt: skip
-            for tag in ("return", "length", "normalized_score"):
-                if history[-1][tag] is not None:
-                    writer.add_scalar(f"eval/{tag}", history[-1][tag], step)
+            for tag in ("return", "length") + (("normalized_score",) if has_scores else ()):
+                writer.add_scalar(f"eval/{tag}", history[-1][tag], step)
             last_score = f"{returns.mean() if score is None else score:.1f}"
             if args.capture_video and (message := record_video(dataset, policy, seeds[0], run_dir / "videos", step)):
                 tqdm.write(message)
                 args.capture_video = False
             nets["actor"].train()
-            clock["wall"] = time.time() - t_start
-            write_summary(run_dir, args, dataset, history, step, clock)
 
         if step % args.checkpoint_every == 0 or final or stop:
-            check_finite(metrics, last_check, step)
             clock["wall"] = time.time() - t_start
             state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()} | dict(
                 algo=ALGO, minari_id=dataset.id, step=step, args=dataclasses.asdict(args), clock=clock,
                 normalization=stats, eval_history=history, rng=common.get_rng_states(buffer.generator))  # fmt: skip
             common.save_checkpoint(run_dir, state, step, args.keep_checkpoints)
+            write_summary(run_dir, args, dataset, history, step, clock)
         t_window += time.time() - t_pause
         if stop:
             break
@@ -633,7 +589,6 @@ def main(argv: list) -> None:
     if stop:
         print(f"\ninterrupted at step {step}; checkpoint saved. Resume with: python {ALGO}.py --resume {run_dir}")
         sys.exit(128 + stop[0])
-    write_summary(run_dir, args, dataset, history, args.total_steps, clock)
     print(f"done: {run_dir} (final score {last_score})")
 
 

@@ -127,7 +127,7 @@ def check_datasets(args: Args, envs: set) -> None:
         script = importlib.import_module(algo)
         for env in sorted(envs):
             try:
-                dataset_id = script.resolve_dataset_id(env)
+                dataset_id = script.resolve_dataset_name(env)[0]
             except script.UserError as e:
                 raise UserError(f"{'in ' + args.grid + ': ' if args.grid else ''}{e}") from None
             if not args.address and not (store / dataset_id).is_dir():

@@ -306,7 +306,7 @@ def main(args: Args):
         sys.path.insert(0, str(ROOT))
         import iql  # the baseline trains on exactly the script's tensors
 
-        buffer, _ = iql.load_buffer(iql.load_dataset(iql.resolve_dataset_id(env)), iql.Args(), device)
+        buffer, _ = iql.load_buffer(iql.load_dataset(iql.resolve_dataset_name(env)[0]), iql.Args(), device)
         steps = buffer.steps  # the baseline gets the textbook layout: separate obs and next_obs copies
         data = {"obs": buffer.obs[buffer.rows[0]], "actions": steps[:, :-2], "rewards": steps[:, -2],
                 "next_obs": buffer.obs[buffer.rows[1]], "dones": steps[:, -1]}  # fmt: skip

@@ -131,18 +131,18 @@ def test_twin_q_is_two_independent_critics_of_the_same_depth():
         ("local/pendulum/random-v0", "local/pendulum/random-v0"),
     ],
 )
-def test_resolve_dataset_id_maps_d4rl_names_to_minari_ids(name, minari_id):
-    assert iql.resolve_dataset_id(name) == minari_id
+def test_resolve_dataset_name_maps_d4rl_names_to_minari_ids(name, minari_id):
+    assert iql.resolve_dataset_name(name)[0] == minari_id
 
 
 def test_d4rl_locomotion_names_are_refused_with_the_minari_alternative():
     with pytest.raises(iql.UserError, match="mujoco/halfcheetah/simple-v0"):
-        iql.resolve_dataset_id("halfcheetah-medium-replay-v2")
+        iql.resolve_dataset_name("halfcheetah-medium-replay-v2")
 
 
 def test_unknown_dataset_name_suggests_close_matches():
     with pytest.raises(iql.UserError, match="Did you mean door-human-v2"):
-        iql.resolve_dataset_id("door-humen-v2")
+        iql.resolve_dataset_name("door-humen-v2")
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_unknown_dataset_name_suggests_close_matches():
     ],
 )
 def test_domain_of_a_dataset_picks_its_row_of_the_settings_table(minari_id, domain):
-    assert iql.domain_of(minari_id) == domain
+    assert iql.resolve_dataset_name(minari_id)[1] == domain
 
 
 def test_locomotion_rewards_are_scaled_to_a_return_spread_of_1000():

@@ -201,9 +201,9 @@ def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, s
     assert_same_run(reference_runs(algo), run_dir)
 
 
-def test_resume_refuses_a_checkpoint_of_another_dataset_or_algorithm(algo, reference_runs, door, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_dataset_or_algorithm(algo, reference_runs, pendulum, door, tmp_path):
     run_dir = reference_runs(algo)
-    assert_user_error(run_script(algo, "--env", door, "--resume", run_dir), "checkpoint for dataset")
+    assert_user_error(run_script(algo, "--env", door, "--resume", run_dir), f"cannot change env ({pendulum} -> {door})")
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     ckpt["algo"] = "other"
     torch.save(ckpt, tmp_path / "other.pt")
@@ -242,7 +242,7 @@ def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pen
     result = run_script(algo, "--env", pendulum, *FAST, *small(algo), *lrs, "--output", tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 3 and "Traceback" not in out, out
-    assert "losses/" in out and "became non-finite between step 0 and step 100" in out
+    assert "losses/" in out and "became non-finite between steps 0 and 100" in out
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
