@@ -129,8 +129,8 @@ class Actor(nn.Module):
         mean = self(obs)
         if self.log_std is None:  # deterministic: -||mu(s) - a||^2, a unit Gaussian's log-density up to constants
             return -((mean - actions) ** 2).sum(-1)
-        std = self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
-        return torch.distributions.Normal(mean, std, validate_args=False).log_prob(actions).sum(-1)
+        log_std = self.log_std.clamp(self.log_std_min, self.log_std_max)
+        return (-0.5 * ((actions - mean) * torch.exp(-log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def make_networks(args: Args, obs_dim: int, act_dim: int) -> dict:
