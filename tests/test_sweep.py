@@ -96,10 +96,11 @@ def grid(pendulum, tmp_path_factory):
     output, _ = first.communicate(timeout=150)
     launches.append({"code": first.returncode, "out": output, "steps": {n: step_of(out / n) for n in names}})
 
-    # 2: relaunch; the first CQL run's script is killed (SIGKILL) after its first checkpoint: Ray retries it
+    # 2: relaunch; the first CQL run's script is killed (SIGKILL) once last.pt exists (step_<N>.pt is written just
+    # before it): Ray retries it, and the retry resumes
     second = launch(grid_file)
     killed = out / names[2]
-    wait_for(lambda: (killed / sweep.MARKER).exists() and list(killed.glob("checkpoints/step_*.pt")), second)
+    wait_for(lambda: (killed / sweep.MARKER).exists() and (killed / "checkpoints" / "last.pt").exists(), second)
     os.kill(int((killed / sweep.MARKER).read_text().split()[1]), signal.SIGKILL)
     output, _ = second.communicate(timeout=300)
     launches.append({"code": second.returncode, "out": output})
