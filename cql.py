@@ -411,9 +411,10 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     for k, ep in enumerate(dataset.iterate_episodes()):
         T, row = len(ep.rewards), t + k  # episode k's T + 1 observations start at row t + k
         obs[row : row + T + 1] = flatten(dataset.observation_space, ep.observations)
-        steps[t : t + T] = np.column_stack([np.reshape(ep.actions, (T, -1)), ep.rewards, ep.terminations])
+        actions = scale_actions(np.reshape(ep.actions, (T, -1)), low, high)  # episode by episode: cache-sized
+        steps[t : t + T] = np.column_stack([actions, ep.rewards, ep.terminations])
         x = obs[row : row + T + 1]
-        moments += np.stack([x.sum(0, dtype=float), np.square(x, dtype=float).sum(0)])
+        moments += np.stack([x.sum(0, dtype=float), np.einsum("ij,ij->j", x, x, dtype=float)])  # no temporary
         if not (np.isfinite(moments).all() and np.isfinite(steps[t : t + T]).all()):
             bad = "observations" if not np.isfinite(moments).all() else "actions or rewards"
             raise UserError(f"dataset {dataset.id}: episode {ep.id} has non-finite (NaN/inf) {bad}; repair it or "
@@ -422,12 +423,11 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
         returns.append(float(np.sum(ep.rewards, dtype=np.float64)))
     rows[1] = rows[0] + 1
     steps[:, -2] = transform_rewards(steps[:, -2], np.array(returns), args.reward_transform)
-    steps[:, :-2] = scale_actions(steps[:, :-2], low, high)
     mean = moments[0] / len(obs)
     std = np.sqrt(np.maximum(moments[1] / len(obs) - mean**2, 0.0)) + 1e-3
     mean, std = (mean, std) if args.normalize_states else (np.zeros_like(mean), np.ones_like(std))
     stats = {"obs_mean": torch.tensor(mean, dtype=torch.float32), "obs_std": torch.tensor(std, dtype=torch.float32)}
-    tensors[0].sub_(stats["obs_mean"]).div_(stats["obs_std"])
+    torch.addcmul(-stats["obs_mean"] / stats["obs_std"], tensors[0], 1 / stats["obs_std"], out=tensors[0])  # one pass
     buffer = Buffer(*(x.to(device) for x in tensors), torch.Generator(device).manual_seed(args.seed))
     return buffer, stats | {"action_low": torch.from_numpy(low), "action_high": torch.from_numpy(high)}
 
