@@ -322,14 +322,14 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     for k, ep in enumerate(dataset.iterate_episodes()):
         T, row = len(ep.rewards), t + k  # episode k's T + 1 observations start at row t + k
         obs[row : row + T + 1] = flatten(dataset.observation_space, ep.observations)
-        actions = scale_actions(np.reshape(ep.actions, (T, -1)), low, high)  # episode by episode: cache-sized
-        steps[t : t + T] = np.column_stack([actions, ep.rewards, ep.terminations])
+        steps[t : t + T] = np.column_stack([np.reshape(ep.actions, (T, -1)), ep.rewards, ep.terminations])
         x = obs[row : row + T + 1]
         moments += np.stack([x.sum(0, dtype=float), np.einsum("ij,ij->j", x, x, dtype=float)])  # no temporary
         if not (np.isfinite(moments).all() and np.isfinite(steps[t : t + T]).all()):
             bad = "observations" if not np.isfinite(moments).all() else "actions or rewards"
             raise UserError(f"dataset {dataset.id}: episode {ep.id} has non-finite (NaN/inf) {bad}; repair it or "
                             "leave it out (minari's filter_episodes) before training.")  # fmt: skip
+        steps[t : t + T, :-2] = scale_actions(steps[t : t + T, :-2], low, high)  # after the check: inf would clip
         rows[0, t : t + T], t = np.arange(row, row + T), t + T
         returns.append(float(np.sum(ep.rewards, dtype=np.float64)))
     rows[1] = rows[0] + 1

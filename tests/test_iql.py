@@ -9,6 +9,7 @@ import minari
 import numpy as np
 import pytest
 import torch
+from datasets import rollout
 
 import iql
 
@@ -248,6 +249,16 @@ def test_states_are_standardized_with_the_dataset_mean_and_std(pendulum):
     torch.testing.assert_close(stats["obs_std"], torch.tensor(raw.std(0) + 1e-3, dtype=torch.float32))
     expected = (raw - stats["obs_mean"].numpy()) / stats["obs_std"].numpy()
     torch.testing.assert_close(buffer.obs, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_an_infinite_action_is_refused_not_clipped_into_range(minari_root):
+    """Actions are scaled and clipped to +-(1 - 1e-5) as they are read: the finiteness check must come first."""
+    env = gym.make("Pendulum-v1")
+    episodes, _ = rollout(env, lambda obs, rng: env.action_space.sample(), 2, seed=0)
+    episodes[1].actions[4, 0] = np.inf
+    minari.create_dataset_from_buffers("local/pendulum/infaction-v0", episodes, env=env, algorithm_name="random")
+    with pytest.raises(iql.UserError, match="episode 1 has non-finite .* actions or rewards"):
+        iql.load_buffer(minari.load_dataset("local/pendulum/infaction-v0"), iql.Args(), torch.device("cpu"))
 
 
 # ---- the update step ------------------------------------------------------------------------------------
