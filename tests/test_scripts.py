@@ -116,8 +116,10 @@ def test_script_copied_alone_with_common_keeps_the_published_per_domain_settings
 
 
 # ---- learning -------------------------------------------------------------------------------------------
-LEARNING = {  # small budgets met with a wide margin: seeds 0-3 all reached return 1000 (the episode limit), IQL from
-    "iql.py": ["--total-steps", "1000", "--eval-every", "1000"],  # step 400 on, CQL at step 800 (646-1000 at 400)
+# Small budgets met with a wide margin: seeds 0-3 all reached return 1000 (the episode limit), IQL from step 400 on,
+# CQL at step 800 (646-1000 at step 400)
+LEARNING = {
+    "iql.py": ["--total-steps", "1000", "--eval-every", "1000"],
     "cql.py": ["--total-steps", "800", "--eval-every", "800", "--hidden-dim", "64", "--actor-lr", "3e-4"],
 }
 
@@ -176,11 +178,12 @@ def test_same_seed_gives_identical_parameters_and_scores(algo, reference_runs, p
 def test_the_seed_sets_the_initial_networks_and_the_batches(algo, pendulum):
     """What main() seeds with --seed: every torch draw (network init) and the buffer's own sampler."""
     module, draws = __import__(algo[:-3]), []
+    dataset = module.load_dataset(pendulum)
     for seed in (1, 1, 2):
         args = module.Args(env=pendulum, seed=seed, hidden_dim=32)
         common.seed_everything(seed)
         actor = module.make_networks(args, 3, 1)["actor"]
-        buffer, _ = module.load_buffer(module.load_dataset(pendulum), args, torch.device("cpu"))
+        buffer, _ = module.load_buffer(dataset, args, torch.device("cpu"))
         draws.append((actor.net[0].weight.detach(), buffer.sample(16)[0]))
     (init_a, batch_a), (init_b, batch_b), (init_c, batch_c) = draws
     assert torch.equal(init_a, init_b) and torch.equal(batch_a, batch_b)
