@@ -1,6 +1,7 @@
-"""Small tensor helpers shared by iql.py and cql.py: batched ("ensemble") layers that run twin critics as one
-matmul, float32 output layers for --bf16, Polyak averaging, RNG state and the atomic checkpoint write. Data
-loading and evaluation are deliberately not here: each script shows its whole data path (see README)."""
+"""Small tensor helpers shared by the algorithm scripts: batched ("ensemble") layers that run twin critics as one
+matmul, float32 output layers for --bf16, Adam and the --bf16/--compile wrapper of an update step, Polyak averaging,
+RNG state and the atomic checkpoint write. Data loading and evaluation are deliberately not here: each script shows
+its whole data path (its shared block)."""
 
 import io
 import math
@@ -67,6 +68,27 @@ def orthogonal_init(*modules: nn.Module, gain: float = math.sqrt(2)) -> None:
             nn.init.zeros_(m.bias)
 
 
+def adam(net: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam, fused (one kernel per step); the learning rate a tensor, so that --compile does not recompile when a
+    schedule changes it."""
+    return torch.optim.Adam(net.parameters(), lr=torch.tensor(lr), fused=True)
+
+
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimizer step on one loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def accelerate(step, device_type: str, bf16: bool, compile: bool):
+    """An update step under bfloat16 autocast (--bf16: the hidden layers; output layers, losses, weights and optimizer
+    stay float32) and torch.compile (--compile)."""
+    if bf16:
+        step = torch.autocast(device_type, torch.bfloat16)(step)
+    return torch.compile(step) if compile else step
+
+
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging: target <- (1 - tau) * target + tau * source, in one fused foreach kernel."""
@@ -82,9 +104,16 @@ def seed_everything(seed: int) -> None:
 def get_rng_states(generator: torch.Generator) -> dict:
     """Every random stream a run uses, as plain tensors/lists so `torch.load(weights_only=True)` reads it."""
     _, np_state, np_pos, *_ = np.random.get_state()
-    states = dict(python=list(random.getstate()[1]), numpy=torch.from_numpy(np_state.astype(np.int64)),
-                  numpy_pos=int(np_pos), torch=torch.get_rng_state(), sampler=generator.get_state())  # fmt: skip
-    return states | ({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})
+    states = {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "torch": torch.get_rng_state(),
+        "sampler": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
 
 
 def set_rng_states(states: dict, generator: torch.Generator) -> None:

@@ -2,9 +2,13 @@
 CQL is Soft Actor-Critic (SAC) on a fixed dataset whose critics also push down a soft maximum (log-sum-exp) of Q over
 actions from a uniform proposal and from the policy, and push up Q at the dataset's actions, so that unseen actions
 cannot look better than the data: CQL(H) with importance sampling, as in the paper's experiments, with the reference
-code's Lagrange, max-backup and BC-warm-up options. Paper: "Conservative Q-Learning for Offline Reinforcement
-Learning", Aviral Kumar, Aurick Zhou, George Tucker, Sergey Levine, NeurIPS 2020, arXiv:2006.04779. Read on: the
-algorithm (Args, per-domain settings, networks, losses, update), then data, evaluation, plumbing, training loop."""
+code's Lagrange, max-backup and BC-warm-up options.
+Paper: "Conservative Q-Learning for Offline Reinforcement Learning", Aviral Kumar, Aurick Zhou, George Tucker,
+Sergey Levine, NeurIPS 2020, arXiv:2006.04779. Docs: docs/cql.md.
+
+Read on: the algorithm (Args, checks, per-domain settings, networks, losses, the update step), then the shared block
+that every algorithm script holds word for word (data, evaluation, configuration, checkpoints, the training loop).
+"""
 
 import copy
 import dataclasses
@@ -13,7 +17,6 @@ import importlib.metadata
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -40,6 +43,7 @@ ALGO = "cql"
 
 @dataclasses.dataclass
 class Args:
+    # -------- SHARED BLOCK (args) begins: the same in every algorithm script --------
     env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
     seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
     total_steps: int = 1_000_000  # number of gradient steps
@@ -52,12 +56,13 @@ class Args:
     checkpoint_every: int = 50_000  # write checkpoints/step_<N>.pt and last.pt every this many steps (and at the end)
     keep_checkpoints: int = 3  # how many step_<N>.pt files to keep (last.pt is always kept)
     output: str = "runs"  # parent folder of the run folder
-    run_name: str | None = None  # name of the run folder inside --output; default <env>__cql__<seed>__<unix time>
+    run_name: str | None = None  # name of the run folder inside --output; default <env>__<algo>__<seed>__<unix time>
     resume: str | None = None  # continue a run: its folder or a checkpoint file (only --device may be given with it)
     track: bool = False  # log to Weights & Biases (pip install wandb); project: $WANDB_PROJECT
     capture_video: bool = False  # save a GIF of one evaluation episode to <run>/videos/ (MuJoCo: MUJOCO_GL=egl)
     compile: bool = False  # torch.compile the update step
     bf16: bool = False  # bfloat16 autocast of the hidden layers; output layers, losses, weights, optimizer stay float32
+    # -------- SHARED BLOCK (args) ends --------
 
     # Algorithm hyperparameters (defaults: CORL's CQL, i.e. its MuJoCo locomotion settings)
     discount: float = 0.99  # discount factor gamma
@@ -83,7 +88,38 @@ class Args:
     cql_max_target_backup: bool = False  # TD target: max over cql_n_actions next actions of min over target critics
     bc_steps: int = 0  # behaviour cloning (alpha log pi - log pi(a_data|s)) as the actor's loss for the first steps
     normalize_states: bool = True  # standardize observations with the dataset mean/std (also at evaluation)
-    reward_transform: Literal["none", "locomotion", "antmaze"] = "none"  # antmaze (r-0.5)*10, locomotion r*1000/spread
+    normalize_reward: bool = False  # scale rewards so that the spread of episode returns is 1000 (CORL: hopper-medium)
+    reward_scale: float = 1.0  # rewards become r * reward_scale + reward_bias (after normalize_reward)
+    reward_bias: float = 0.0  # AntMaze: scale 10, bias -5, so that the 0/1 goal reward becomes -5/+5 (CORL)
+
+
+def check_args(args: Args) -> list:
+    """CQL's own hyperparameters out of range, and flags that would have no effect: the problems found."""
+    problems = []
+    if not (0 <= args.discount <= 1 and 0 < args.tau <= 1):
+        problems.append("discount must be in [0, 1] and tau in (0, 1]")
+    if min(args.actor_lr, args.critic_lr, args.alpha, args.cql_temp) <= 0 or args.cql_alpha < 0:
+        problems.append("learning rates, alpha and cql_temp must be > 0, cql_alpha >= 0")
+    if min(args.hidden_dim, args.actor_n_hidden, args.critic_n_hidden, args.cql_n_actions) < 1 or args.bc_steps < 0:
+        problems.append("hidden_dim, actor_n_hidden, critic_n_hidden and cql_n_actions must be >= 1, bc_steps >= 0")
+    if args.cql_clip_diff_min > args.cql_clip_diff_max:
+        problems.append("cql_clip_diff_min must be <= cql_clip_diff_max")
+    # flags that would have no effect
+    if args.cql_lagrange != (args.cql_target_action_gap is not None):
+        problems.append(
+            "--cql-lagrange needs its threshold --cql-target-action-gap, which does nothing without it "
+            "(unset: --cql-target-action-gap None)"
+        )
+    if not args.autotune and args.target_entropy is not None:
+        problems.append("--target-entropy does nothing with --no-autotune")
+    if args.cql_max_target_backup and args.cql_n_actions == 1:
+        problems.append("--cql-max-target-backup needs --cql-n-actions > 1")
+    default_penalty_shape = (args.cql_temp, args.cql_clip_diff_min, args.cql_clip_diff_max) == (1, -math.inf, math.inf)
+    if args.cql_alpha == 0 and (args.cql_lagrange or not default_penalty_shape):
+        problems.append(
+            "--cql-alpha 0 turns the penalty off: --cql-lagrange, --cql-temp and --cql-clip-diff-* would do nothing"
+        )
+    return problems
 
 
 # Published per-domain settings of CORL's CQL (github.com/tinkoff-ai/CORL, configs/offline/cql/<env>/<dataset>.yaml,
@@ -95,20 +131,21 @@ DOMAIN_SETTINGS = {
     "antmaze": {  # antmaze/*_v2.yaml; rewards: normalize_reward true with reward_scale 10, reward_bias -5
         "cql_alpha": 5.0, "cql_lagrange": True, "cql_target_action_gap": 0.8, "cql_max_target_backup": True,
         "cql_clip_diff_min": -200.0, "critic_n_hidden": 5, "actor_lr": 1e-4, "normalize_states": False,
-        "reward_transform": "antmaze", "eval_episodes": 100,
+        "reward_scale": 10.0, "reward_bias": -5.0, "eval_episodes": 100,
     },
     "adroit": {"cql_alpha": 1.0, "actor_lr": 1e-4},  # {pen,door,hammer,relocate}/*_v1.yaml
     "pointmaze": {"cql_lagrange": True, "cql_target_action_gap": 5.0, "eval_episodes": 100},  # maze2d/*_v1.yaml
 }  # fmt: skip
 
 
-# -------- ALGO LOGIC: networks ----------------------------------------------------------------------------------
+# -------- ALGO LOGIC: networks ------------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden: int, n_hidden: int) -> nn.Sequential:
-    layers, dim = [], in_dim
-    for _ in range(n_hidden):
-        layers += [nn.Linear(dim, hidden), nn.ReLU()]
-        dim = hidden
-    return nn.Sequential(*layers, common.OutputLinear(dim, out_dim))
+    layers = []
+    for i in range(n_hidden):
+        layers.append(nn.Linear(in_dim if i == 0 else hidden, hidden))
+        layers.append(nn.ReLU())
+    layers.append(common.OutputLinear(hidden, out_dim))
+    return nn.Sequential(*layers)
 
 
 class TwinQ(nn.Module):
@@ -116,12 +153,14 @@ class TwinQ(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int, layer_norm: bool):
         super().__init__()
-        layers, dim = [], obs_dim + act_dim
-        for _ in range(n_hidden):
-            norm = [common.BatchedLayerNorm(2, hidden)] if layer_norm else []
-            layers += [common.BatchedLinear(2, dim, hidden), *norm, nn.ReLU()]
-            dim = hidden
-        self.net = nn.Sequential(*layers, common.BatchedOutputLinear(2, dim, 1))
+        layers = []
+        for i in range(n_hidden):
+            layers.append(common.BatchedLinear(2, obs_dim + act_dim if i == 0 else hidden, hidden))
+            if layer_norm:
+                layers.append(common.BatchedLayerNorm(2, hidden))
+            layers.append(nn.ReLU())
+        layers.append(common.BatchedOutputLinear(2, hidden, 1))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """obs (B, D) with actions (B, A) -> (2, B); with K actions per state, (K, B, A) -> (2, K, B)."""
@@ -139,8 +178,10 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int):
         super().__init__()
+        self.act_dim = act_dim
         self.net = mlp(obs_dim, 2 * act_dim, hidden, n_hidden)
-        self.log_std_multiplier, self.log_std_offset = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(-1.0))
+        self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
 
     def distribution(self, obs: torch.Tensor) -> tuple:
         mean, raw = self.net(obs).chunk(2, dim=-1)
@@ -163,19 +204,26 @@ def make_networks(args: Args, obs_dim: int, act_dim: int) -> dict:
     # the two learnable numbers as modules (.value), so that they move, optimize and checkpoint like the networks
     log_alpha = nn.ParameterDict({"value": torch.tensor(math.log(args.alpha))}).requires_grad_(args.autotune)
     log_alpha_prime = nn.ParameterDict({"value": torch.tensor(0.0)}).requires_grad_(args.cql_lagrange)
-    return {"actor": actor, "critic": critic, "target_critic": target_critic, "log_alpha": log_alpha,
-            "log_alpha_prime": log_alpha_prime}  # fmt: skip
+    return {
+        "actor": actor,
+        "critic": critic,
+        "target_critic": target_critic,
+        "log_alpha": log_alpha,
+        "log_alpha_prime": log_alpha_prime,
+    }
 
 
 def make_optimizers(nets: dict, args: Args) -> dict:
-    """Adam (fused: one kernel per step) for each learner; alpha learns at the actor's rate and alpha' at the critics'
-    (CORL). Learning rates are tensors, so that --compile does not recompile when they change."""
-    adam = lambda net, lr: torch.optim.Adam(net.parameters(), lr=torch.tensor(lr), fused=True)  # noqa: E731
-    lrs = {"actor": args.actor_lr, "critic": args.critic_lr, "alpha": args.actor_lr, "alpha_prime": args.critic_lr}
-    return {f"{name}_opt": adam(nets[name.replace("alpha", "log_alpha")], lr) for name, lr in lrs.items()}
+    """Adam for each learner; alpha learns at the actor's rate and alpha' at the critics' (CORL)."""
+    return {
+        "actor_opt": common.adam(nets["actor"], args.actor_lr),
+        "critic_opt": common.adam(nets["critic"], args.critic_lr),
+        "alpha_opt": common.adam(nets["log_alpha"], args.actor_lr),
+        "alpha_prime_opt": common.adam(nets["log_alpha_prime"], args.critic_lr),
+    }
 
 
-# -------- ALGO LOGIC: losses (paper equations) and the update step ----------------------------------------------------
+# -------- ALGO LOGIC: losses (paper equations) --------------------------------------------------------------------
 def tanh_gaussian_log_prob(u: torch.Tensor, eps: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """log pi(tanh(u)|s), u = mu + sigma eps: log N(u) - log(1 - tanh(u)^2) (SAC, Appendix C), the latter in the
     overflow-free form 2 (log 2 - u - softplus(-2u)); summed over the action dimensions."""
@@ -204,7 +252,8 @@ def ood_actions(mean: torch.Tensor, log_std: torch.Tensor, n: int) -> tuple:
     policy, policy_log_pi = sample_actions(mean, log_std, n)  # (n, 2B, A): s and s' in one draw
     uniform = torch.rand((n, b, act_dim), device=mean.device) * 2.0 - 1.0
     uniform_log_density = torch.full((n, b), act_dim * math.log(0.5), device=mean.device)
-    return torch.cat([uniform, *policy.split(b, dim=1)]), torch.cat([uniform_log_density, *policy_log_pi.split(b, 1)])
+    actions = torch.cat([uniform, *policy.split(b, dim=1)])
+    return actions, torch.cat([uniform_log_density, *policy_log_pi.split(b, dim=1)])
 
 
 def max_target_backup(next_q: torch.Tensor, next_log_pi: torch.Tensor) -> tuple:
@@ -244,113 +293,151 @@ def alpha_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: fl
     return -(log_alpha * (log_pi.detach() + target_entropy)).mean()
 
 
+# -------- ALGO LOGIC: the update step -----------------------------------------------------------------------------
 def make_update(nets: dict, opts: dict, args: Args):
-    """One CQL gradient step on a batch. As in the reference code, every loss is computed from the same (pre-step)
-    parameters; each reaches only its own parameters (the detaches below), so one backward pass gives the gradients
-    of CORL's separate alpha, actor and critic steps. Random draws in this order: the policy action, the next
-    actions, the proposals from pi(.|s) and pi(.|s'), the uniform ones. Returns detached diagnostics (no sync)."""
+    """One CQL gradient step, update(batch, step): behaviour cloning for the actor during the first bc_steps. As in
+    the reference code, every loss is computed from the same (pre-step) parameters; each reaches only its own
+    parameters (the detaches below), so one backward pass gives the gradients of CORL's separate alpha, actor and
+    critic steps. Random draws in this order: the policy action, the next actions, the proposals from pi(.|s) and
+    pi(.|s'), the uniform ones. Returns detached diagnostics (no host sync)."""
     actor, critic, target_critic = nets["actor"], nets["critic"], nets["target_critic"]
     log_alpha, log_alpha_prime = nets["log_alpha"].value, nets["log_alpha_prime"].value
-    n, n_next = args.cql_n_actions, args.cql_n_actions if args.cql_max_target_backup else 1
-    target_entropy = -actor.net[-1].out_features / 2 if args.target_entropy is None else args.target_entropy
+    n = args.cql_n_actions
+    n_next = args.cql_n_actions if args.cql_max_target_backup else 1  # next actions for the backup's max
+    target_entropy = -actor.act_dim if args.target_entropy is None else args.target_entropy
     params = [p for opt in opts.values() for group in opt.param_groups for p in group["params"]]
 
-    def update(obs, actions, rewards, next_obs, dones, bc_phase: bool = False):
-        b = obs.shape[0]
-        mean, log_std = actor.distribution(torch.cat([obs, next_obs]))  # pi(.|s) and pi(.|s') in one pass
-        a_pi, log_pi = (x[0] for x in sample_actions(mean[:b], log_std[:b], 1))
-        alpha = log_alpha.exp().detach()
-
-        # Critics, Eq. 4: TD error towards the SAC backup + alpha * conservative penalty
+    def critic_losses(batch: dict, mean, log_std, alpha) -> dict:
+        """Eq. 4: TD error towards the SAC backup + alpha * conservative penalty, and the Lagrange multiplier's loss."""
+        obs, b = batch["obs"], batch["obs"].shape[0]
         with torch.no_grad():  # the target and the proposals carry no gradient (to the actor or anything)
             next_actions, next_log_pi = sample_actions(mean[b:], log_std[b:], n_next)
-            next_v, next_log_pi = max_target_backup(target_critic(next_obs, next_actions), next_log_pi)
-            next_v = next_v - alpha * next_log_pi if args.backup_entropy else next_v
-            target = rewards + args.discount * (1.0 - dones) * next_v
+            next_v, next_log_pi = max_target_backup(target_critic(batch["next_obs"], next_actions), next_log_pi)
+            if args.backup_entropy:
+                next_v = next_v - alpha * next_log_pi
+            target = batch["rewards"] + args.discount * (1.0 - batch["dones"]) * next_v
             proposals, log_density = ood_actions(mean, log_std, n)
-        q_all = critic(obs, torch.cat([actions[None], proposals]))  # the data action and all 3N proposals at once
+        q_all = critic(obs, torch.cat([batch["actions"][None], proposals]))  # the data action and all 3N proposals
         q_data, q_ood = q_all[:, 0], q_all[:, 1:]
-        critic_td_loss = td_loss(q_data, target)
         gap = cql_penalty(q_ood, log_density, q_data, args.cql_temp, args.cql_clip_diff_min, args.cql_clip_diff_max)
-        # Lagrange form (Appendix F): alpha' alpha (gap - tau), alpha' holding the gap at tau; else alpha' = 1, tau = 0
-        alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6) if args.cql_lagrange else torch.ones_like(alpha)
-        gap_target = args.cql_target_action_gap if args.cql_lagrange else 0.0
-        penalty = (alpha_prime.detach() * args.cql_alpha * (gap - gap_target)).sum()
-        alpha_prime_loss = (
-            lagrange_loss(alpha_prime, gap, args.cql_alpha, gap_target) if args.cql_lagrange else 0 * alpha
-        )
+        losses = {"td_loss": td_loss(q_data, target), "cql_gap": gap.mean(), "q_data": q_data.mean()}
+        losses["q_random"] = q_ood[:, :n].mean()
+        losses["q_policy"] = q_ood[:, n : 2 * n].mean()
+        losses["q_target"] = target.mean()
+        if args.cql_lagrange:  # Appendix F: alpha' alpha (gap - tau), alpha' holding the gap at tau
+            alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+            gap_target = args.cql_target_action_gap
+            losses["alpha_prime"] = alpha_prime
+            losses["alpha_prime_loss"] = lagrange_loss(alpha_prime, gap, args.cql_alpha, gap_target)
+            losses["cql_penalty"] = (alpha_prime.detach() * args.cql_alpha * (gap - gap_target)).sum()
+        else:
+            losses["cql_penalty"] = args.cql_alpha * gap.sum()
+        return losses
 
-        # Actor (SAC policy improvement, or behaviour cloning during the first --bc-steps) and temperature
+    def actor_losses(batch: dict, mean, log_std, a_pi, log_pi, alpha, bc_phase: bool) -> dict:
+        """SAC policy improvement (behaviour cloning during the first bc_steps) and the temperature's loss."""
         if bc_phase:
-            q_pi = log_prob(mean[:b], log_std[:b], actions)
+            q_pi = log_prob(mean, log_std, batch["actions"])
         else:  # through frozen critics: the policy loss moves the actor, never the critics
             frozen = {name: p.detach() for name, p in critic.named_parameters()}
-            q_pi = torch.func.functional_call(critic, frozen, (obs, a_pi)).min(dim=0).values
-        actor_loss = policy_loss(alpha, log_pi, q_pi)
-        temperature_loss = alpha_loss(log_alpha, log_pi, target_entropy) if args.autotune else 0 * alpha
+            q_pi = torch.func.functional_call(critic, frozen, (batch["obs"], a_pi)).min(dim=0).values
+        losses = {"actor_loss": policy_loss(alpha, log_pi, q_pi), "entropy": -log_pi.mean(), "alpha": alpha}
+        if args.autotune:
+            losses["alpha_loss"] = alpha_loss(log_alpha, log_pi, target_entropy)
+        return losses
 
+    def cql_step(batch: dict, bc_phase: bool) -> dict:
+        b = batch["obs"].shape[0]
+        mean, log_std = actor.distribution(torch.cat([batch["obs"], batch["next_obs"]]))  # pi(.|s), pi(.|s') at once
+        a_pi, log_pi = sample_actions(mean[:b], log_std[:b], 1)
+        alpha = log_alpha.exp().detach()
+        actor_part = actor_losses(batch, mean[:b], log_std[:b], a_pi[0], log_pi[0], alpha, bc_phase)
+        critic_part = critic_losses(batch, mean, log_std, alpha)
+        losses = {**critic_part, **actor_part}
+        total = losses["td_loss"] + losses["cql_penalty"] + losses["actor_loss"]
+        for name in ("alpha_loss", "alpha_prime_loss"):
+            if name in losses:
+                total = total + losses[name]
         for p in params:  # zero_grad(set_to_none=True) of all four optimizers, without a graph break under --compile
             p.grad = None
-        (critic_td_loss + penalty + actor_loss + temperature_loss + alpha_prime_loss).backward()
+        total.backward()
         for opt in opts.values():  # an optimizer whose parameter got no gradient skips its step
             opt.step()
         common.soft_update(target_critic, critic, args.tau)
-        metrics = dict(td_loss=critic_td_loss, cql_penalty=penalty, cql_gap=gap.mean(), q_data=q_data.mean(),
-                       q_random=q_ood[:, :n].mean(), q_policy=q_ood[:, n : 2 * n].mean(), q_target=target.mean(),
-                       actor_loss=actor_loss, entropy=-log_pi.mean(), alpha=alpha, alpha_loss=temperature_loss,
-                       alpha_prime=alpha_prime, alpha_prime_loss=alpha_prime_loss)  # fmt: skip
-        return {f"losses/{k}": x.detach() for k, x in metrics.items()}
+        return {f"losses/{name}": x.detach() for name, x in losses.items()}
 
-    if args.bf16:  # hidden layers in bfloat16; output layers (common.OutputLinear) and the loss arithmetic in float32
-        update = torch.autocast(next(critic.parameters()).device.type, torch.bfloat16)(update)
-    return torch.compile(update) if args.compile else update
+    cql_step = common.accelerate(cql_step, next(critic.parameters()).device.type, args.bf16, args.compile)
+    return lambda batch, step: cql_step(batch, bc_phase=step <= args.bc_steps)
 
 
-# -------- Data: dataset names, Minari loading, one on-device buffer (each observation stored once) --------------------
+# ======== SHARED BLOCK begins ========
+# The same text in every algorithm script: edit it in iql.py, then `python tools/shared_block.py --fix` copies it.
+# The algorithm reaches it through Args, check_args, DOMAIN_SETTINGS, make_networks, make_optimizers, make_update.
+
+
+# -------- Data: dataset names, Minari loading --------
 class UserError(Exception):
     """A mistake in the input: printed as one paragraph, exit code 2, no traceback."""
 
 
-# D4RL-style name -> Minari id, by domain (the keys of DOMAIN_SETTINGS): (tasks, kinds, versions, id template)
+# D4RL-style names "<task>-<kind>-v<version>" and the Minari ids they stand for, by domain (the keys of the
+# per-domain settings). A Minari id given as it is (anything with a '/') takes the domain of its namespace/task.
 DATASET_NAMES = {
-    "adroit": ("pen|door|hammer|relocate", "human|cloned|expert", "012", "D4RL/{task}/{kind}-v2"),
-    "antmaze": ("antmaze", "umaze|umaze-diverse|medium-play|medium-diverse|large-play|large-diverse", "012",
+    # domain: (tasks, kinds, versions of the D4RL-style name, Minari id)
+    "adroit": ("pen door hammer relocate", "human cloned expert", "0 1 2", "D4RL/{task}/{kind}-v2"),
+    "antmaze": ("antmaze", "umaze umaze-diverse medium-play medium-diverse large-play large-diverse", "0 1 2",
                 "D4RL/antmaze/{kind}-v1"),
-    "pointmaze": ("maze2d|pointmaze", "umaze|medium|large|open|umaze-dense|medium-dense|large-dense|open-dense",
-                  "0-9", "D4RL/pointmaze/{kind}-v2"),
-    "kitchen": ("kitchen", "complete|partial|mixed", "02", "D4RL/kitchen/{kind}-v2"),
-    "locomotion": ("halfcheetah|hopper|walker2d", "simple|medium|expert", "0", "mujoco/{task}/{kind}-v0"),
-    "mujoco": ("ant|humanoid|invertedpendulum|inverteddoublependulum|pusher|reacher|swimmer", "simple|medium|expert",
+    "pointmaze": ("maze2d pointmaze", "umaze medium large open umaze-dense medium-dense large-dense open-dense",
+                  "0 1 2", "D4RL/pointmaze/{kind}-v2"),
+    "kitchen": ("kitchen", "complete partial mixed", "0 2", "D4RL/kitchen/{kind}-v2"),
+    "locomotion": ("halfcheetah hopper walker2d", "simple medium expert", "0", "mujoco/{task}/{kind}-v0"),
+    "mujoco": ("ant humanoid invertedpendulum inverteddoublependulum pusher reacher swimmer", "simple medium expert",
                "0", "mujoco/{task}/{kind}-v0"),
 }  # fmt: skip
 
 
-def resolve_dataset_name(name: str) -> tuple[str, str]:
-    """(Minari id, DATASET_NAMES domain) of a D4RL-style name (door-human-v2) or a Minari id (containing '/')."""
-    for domain, (tasks, kinds, versions, template) in DATASET_NAMES.items():
-        if m := re.fullmatch(rf"(?P<task>{tasks})-(?P<kind>{kinds})-v[{versions}]", name):
-            return template.format(**m.groupdict()), domain
-        if re.match(template.split("{kind}")[0].format(task=f"({tasks})"), name):
-            return name, domain
+def dataset_names() -> dict:
+    """Every D4RL-style name -> (Minari id, domain), e.g. door-human-v2 -> (D4RL/door/human-v2, adroit)."""
+    names = {}
+    for domain, (tasks, kinds, versions, minari_id) in DATASET_NAMES.items():
+        for task in tasks.split():
+            for kind in kinds.split():
+                for version in versions.split():
+                    names[f"{task}-{kind}-v{version}"] = (minari_id.format(task=task, kind=kind), domain)
+    return names
+
+
+def resolve_dataset_name(name: str) -> tuple:
+    """(Minari id, domain) of a D4RL-style name (door-human-v2) or of a Minari id (containing '/')."""
+    names = dataset_names()
+    if name in names:
+        return names[name]
     if "/" in name:
+        for minari_id, domain in names.values():
+            if minari_id.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]:  # the same namespace/task
+                return name, domain
         return name, "other"
-    known = [f"{task}-{kind}-{template[-2:]}" for tasks, kinds, _, template in DATASET_NAMES.values()
-             for task in tasks.split("|") for kind in kinds.split("|")]  # fmt: skip
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    suggest = f" Did you mean {' or '.join(close)}?" if close else ""
-    if d4rl := re.match(r"(halfcheetah|hopper|walker2d|ant)-", name):
-        suggest = f" Minari does not host D4RL locomotion; closest: mujoco/{d4rl[1]}/simple-v0, medium-v0, expert-v0."
-    raise UserError(f"unknown dataset '{name}'.{suggest} Give a D4RL-style name (door-human-v2, antmaze-umaze-v1, "
-                    "kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/'.")  # fmt: skip
+    task = name.split("-")[0]
+    if task in ("halfcheetah", "hopper", "walker2d", "ant"):
+        hint = f" Minari does not host D4RL locomotion; closest: mujoco/{task}/simple-v0, medium-v0, expert-v0."
+    else:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise UserError(
+        f"unknown dataset '{name}'.{hint} Give a D4RL-style name (door-human-v2, antmaze-umaze-v1, "
+        "kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/'."
+    )
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
-    """The local copy if there is one (minari looks there first), else a download; clear errors otherwise."""
+    """The local copy if there is one, else a download; clear errors otherwise."""
     try:
         minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
     except ValueError:
-        raise UserError(f"'{dataset_id}' is not a valid Minari dataset id: ids look like namespace/name-v<N> "
-                        "(D4RL/door/human-v2, mujoco/hopper/medium-v0, local/x/random-v0)") from None  # fmt: skip
+        raise UserError(
+            f"'{dataset_id}' is not a valid Minari dataset id: ids look like namespace/name-v<N> "
+            "(D4RL/door/human-v2, mujoco/hopper/medium-v0, local/x/random-v0)"
+        ) from None
     local = Path(minari.storage.get_dataset_path(dataset_id))
     try:
         dataset = minari.load_dataset(dataset_id, download=True)
@@ -359,16 +446,19 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:200]}"
         if (local / "data").exists():
-            raise UserError(f"the local copy of the dataset at {local} is damaged ({why}), as a partial copy is: "
-                            f"delete the folder {local}, then download or copy it again.") from e  # fmt: skip
-        raise UserError(f"dataset '{dataset_id}' is not in the local Minari store ({local}) and downloading it failed "
-                        f"({why}). Without network: run `minari download {dataset_id}` elsewhere and copy "
-                        f"~/.minari/datasets/{dataset_id} to {local} (or set MINARI_DATASETS_PATH to the copy); or "
-                        "record a dataset with collect.py (README).") from e  # fmt: skip
+            raise UserError(
+                f"the dataset at {local} is damaged ({why}): delete the folder {local}, then get it again."
+            ) from e
+        raise UserError(
+            f"dataset '{dataset_id}' is not in the local Minari store ({local}) and downloading it failed ({why}). "
+            f"Without network: `minari download {dataset_id}` elsewhere, then copy the folder to {local} (or set "
+            "MINARI_DATASETS_PATH to the copy); or record a dataset with collect.py."
+        ) from e
 
 
+# -------- Data: one on-device buffer, each observation stored once --------
 def flatten(space: gym.Space, obs) -> np.ndarray:
-    """(T, ...) observations -> rows (T, D); Dict keys in order, as gymnasium's FlattenObservation on the eval env."""
+    """(T, ...) observations -> rows (T, D); Dict keys in order, as gymnasium's FlattenObservation."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten(space[key], obs[key]) for key in space.spaces], axis=1)
     if not isinstance(space, gym.spaces.Box):
@@ -386,82 +476,109 @@ class Buffer:
     rows: torch.Tensor  # (2, N) int64: rows of s and s'
     generator: torch.Generator
 
-    def sample(self, batch_size: int) -> tuple:
+    def sample(self, batch_size: int) -> dict:
         i = torch.randint(self.steps.shape[0], (batch_size,), device=self.obs.device, generator=self.generator)
         obs, next_obs = self.obs[self.rows[:, i]]  # (2, B, obs_dim): s and s' in one gather
         steps = self.steps[i]
-        return obs, steps[:, :-2], steps[:, -2], next_obs, steps[:, -1]
+        return {
+            "obs": obs,
+            "actions": steps[:, :-2],
+            "rewards": steps[:, -2],
+            "next_obs": next_obs,
+            "dones": steps[:, -1],
+        }
 
 
-def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device) -> tuple[Buffer, dict]:
+def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device) -> tuple:
     """Read every episode straight into preallocated float32 tensors (host memory peaks near the buffer's own
     size), refuse non-finite values, transform rewards, scale actions and standardize states in place."""
-    space, n, n_episodes = dataset.action_space, dataset.total_steps, dataset.total_episodes
+    space = dataset.action_space
     if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
-        raise UserError(f"dataset {dataset.id} has the action space {space}; {ALGO}.py needs bounded continuous (Box) "
-                        "actions. For discrete actions use a discrete-action method (e.g. discrete CQL).")  # fmt: skip
-    if n_episodes == 0:
+        raise UserError(
+            f"dataset {dataset.id} has the action space {space}; {ALGO}.py needs bounded continuous (Box) actions"
+        )
+    if dataset.total_episodes == 0:
         raise UserError(f"dataset {dataset.id} has no episodes")
-    low, high = space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
-    # torch's allocator (numpy's huge-page requests made the first fill of a 1.4 GB buffer 4x slower than reading it)
-    tensors = (torch.empty(n + n_episodes, gym.spaces.flatdim(dataset.observation_space)),
-               torch.empty(n, len(low) + 2), torch.empty(2, n, dtype=torch.int64))  # fmt: skip
-    obs, steps, rows = (x.numpy() for x in tensors)
-    moments, returns, t = np.zeros((2, obs.shape[1])), [], 0  # moments: sums of s and s^2 (float64) for mean, std
-    for k, ep in enumerate(dataset.iterate_episodes()):
-        T, row = len(ep.rewards), t + k  # episode k's T + 1 observations start at row t + k
-        obs[row : row + T + 1] = flatten(dataset.observation_space, ep.observations)
-        steps[t : t + T] = np.column_stack([np.reshape(ep.actions, (T, -1)), ep.rewards, ep.terminations])
-        x = obs[row : row + T + 1]
-        moments += np.stack([x.sum(0, dtype=float), np.einsum("ij,ij->j", x, x, dtype=float)])  # no temporary
-        if not (np.isfinite(moments).all() and np.isfinite(steps[t : t + T]).all()):
-            bad = "observations" if not np.isfinite(moments).all() else "actions or rewards"
-            raise UserError(f"dataset {dataset.id}: episode {ep.id} has non-finite (NaN/inf) {bad}; repair it or "
-                            "leave it out (minari's filter_episodes) before training.")  # fmt: skip
+    low = space.low.astype(np.float32).ravel()
+    high = space.high.astype(np.float32).ravel()
+    n = dataset.total_steps
+    # Allocated by torch, filled through numpy views (numpy's huge-page allocation made the first fill 4x slower)
+    obs_tensor = torch.empty(n + dataset.total_episodes, gym.spaces.flatdim(dataset.observation_space))
+    steps_tensor = torch.empty(n, len(low) + 2)
+    rows_tensor = torch.empty(2, n, dtype=torch.int64)
+    obs, steps, rows = obs_tensor.numpy(), steps_tensor.numpy(), rows_tensor.numpy()
+    sums = np.zeros((2, obs.shape[1]))  # sums of s and of s^2 (float64), for the mean and std
+    returns = []
+    t = 0  # transitions read so far; episode k's T + 1 observations start at row t + k
+    for k, episode in enumerate(dataset.iterate_episodes()):
+        T = len(episode.rewards)
+        x = obs[t + k : t + k + T + 1]
+        x[:] = flatten(dataset.observation_space, episode.observations)
+        steps[t : t + T, :-2] = np.reshape(episode.actions, (T, -1))
+        steps[t : t + T, -2] = episode.rewards
+        steps[t : t + T, -1] = episode.terminations
+        sums[0] += x.sum(0, dtype=float)
+        sums[1] += np.einsum("ij,ij->j", x, x, dtype=float)  # the squares without a temporary array
+        if not np.isfinite(sums).all() or not np.isfinite(steps[t : t + T]).all():
+            bad = "observations" if not np.isfinite(sums).all() else "actions or rewards"
+            raise UserError(
+                f"dataset {dataset.id}: episode {episode.id} has non-finite (NaN/inf) {bad}; repair it or leave it "
+                "out (minari's filter_episodes) before training."
+            )
         steps[t : t + T, :-2] = scale_actions(steps[t : t + T, :-2], low, high)  # after the check: inf would clip
-        rows[0, t : t + T], t = np.arange(row, row + T), t + T
-        returns.append(float(np.sum(ep.rewards, dtype=np.float64)))
+        rows[0, t : t + T] = np.arange(t + k, t + k + T)
+        returns.append(float(np.sum(episode.rewards, dtype=np.float64)))
+        t += T
     rows[1] = rows[0] + 1
-    steps[:, -2] = transform_rewards(steps[:, -2], np.array(returns), args.reward_transform)
-    mean = moments[0] / len(obs)
-    std = np.sqrt(np.maximum(moments[1] / len(obs) - mean**2, 0.0)) + 1e-3
-    mean, std = (mean, std) if args.normalize_states else (np.zeros_like(mean), np.ones_like(std))
-    stats = {"obs_mean": torch.tensor(mean, dtype=torch.float32), "obs_std": torch.tensor(std, dtype=torch.float32)}
-    torch.addcmul(-stats["obs_mean"] / stats["obs_std"], tensors[0], 1 / stats["obs_std"], out=tensors[0])  # one pass
-    buffer = Buffer(*(x.to(device) for x in tensors), torch.Generator(device).manual_seed(args.seed))
-    return buffer, stats | {"action_low": torch.from_numpy(low), "action_high": torch.from_numpy(high)}
+    reward_scale, reward_bias = reward_transform(np.array(returns), args)
+    steps[:, -2] = steps[:, -2] * reward_scale + reward_bias
+    stats = {"action_low": torch.from_numpy(low), "action_high": torch.from_numpy(high)}
+    mean = sums[0] / len(obs)
+    std = np.sqrt(np.maximum(sums[1] / len(obs) - mean**2, 0.0)) + 1e-3
+    if not args.normalize_states:
+        mean, std = np.zeros_like(mean), np.ones_like(std)
+    stats["obs_mean"] = torch.tensor(mean, dtype=torch.float32)
+    stats["obs_std"] = torch.tensor(std, dtype=torch.float32)
+    # (s - mean) / std as s * (1 / std) - mean / std, in one pass over the buffer
+    torch.addcmul(-stats["obs_mean"] / stats["obs_std"], obs_tensor, 1 / stats["obs_std"], out=obs_tensor)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    buffer = Buffer(obs_tensor.to(device), steps_tensor.to(device), rows_tensor.to(device), generator)
+    return buffer, stats
 
 
-def transform_rewards(rewards: np.ndarray, episode_returns: np.ndarray, transform: str) -> np.ndarray:
-    """Per-domain reward transforms: AntMaze (r - 0.5) * 10, the 0/1 goal reward -> -5/+5 (CORL: reward_scale 10,
-    reward_bias -5); locomotion: r * 1000 / (max - min episode return) (CORL's normalize_reward, as in IQL)."""
-    if transform == "locomotion":  # scale so that the spread of episode returns is 1000
-        spread = episode_returns.max() - episode_returns.min()
-        if spread > 1e-3 * max(np.abs(episode_returns).max(), 1.0):
-            return rewards * (1000.0 / spread)
-        print(f"warning: every episode returns about {episode_returns.max():.4g}: rewards are left unscaled")
-    return (rewards - 0.5) * 10.0 if transform == "antmaze" else rewards
+def reward_transform(episode_returns: np.ndarray, args: Args) -> tuple:
+    """(scale, bias) of r -> r * scale + bias: reward_scale and reward_bias, the scale times 1000 / (max - min
+    episode return) with normalize_reward (the official IQL locomotion rule)."""
+    if not args.normalize_reward:
+        return args.reward_scale, args.reward_bias
+    spread = episode_returns.max() - episode_returns.min()
+    if spread <= 1e-3 * max(np.abs(episode_returns).max(), 1.0):
+        print(f"warning: every episode returns about {episode_returns.max():.4g}: rewards are not normalized")
+        return args.reward_scale, args.reward_bias
+    return 1000.0 / spread * args.reward_scale, args.reward_bias
 
 
 def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Map env actions affinely from [low, high] to [-1, 1], where the tanh-mean actor lives; clip to
-    +-(1 - 1e-5) like the official code, so log-likelihoods of boundary actions stay finite."""
+    """Map env actions affinely from [low, high] to [-1, 1], where the tanh actors live; clip to +-(1 - 1e-5)
+    like the official IQL code, so log-likelihoods of boundary actions stay finite."""
     return np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1 + 1e-5, 1 - 1e-5)
 
 
-# -------- Evaluation: vectorized envs, deterministic actions, Minari normalized score ---------------------------------
+# -------- Evaluation: vectorized envs, deterministic actions, Minari normalized score --------
 def make_eval_env(dataset: minari.MinariDataset, **kwargs) -> gym.Env:
     """The dataset's own evaluation env (its episode limit, not gym.make's), observations flattened (Dict spaces)."""
     return gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True, **kwargs))
 
 
 def make_policy(actor: nn.Module, stats: dict, device: torch.device):
-    """Env observation -> env action: normalize, deterministic actor mean, map [-1, 1] back to [low, high]."""
-    mean, std, low, high = (stats[k].to(device) for k in ("obs_mean", "obs_std", "action_low", "action_high"))
+    """Env observation -> env action: normalize, deterministic actor, map [-1, 1] back to [low, high]."""
+    mean, std = stats["obs_mean"].to(device), stats["obs_std"].to(device)
+    low, high = stats["action_low"].to(device), stats["action_high"].to(device)
 
     @torch.no_grad()
     def policy(obs: np.ndarray) -> np.ndarray:
-        action = actor((torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std).clamp(-1.0, 1.0)
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        action = actor((obs - mean) / std).clamp(-1.0, 1.0)
         return (low + (action + 1.0) * 0.5 * (high - low)).cpu().numpy()
 
     return policy
@@ -471,7 +588,9 @@ def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
     """One episode per sub-env, all run in lockstep with one batched policy forward per step. A finished
     sub-env is reset by Gymnasium (on its next step, or at once), so only each sub-env's first episode counts."""
     obs, _ = envs.reset(seed=seeds)
-    returns, lengths, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, np.int64), np.zeros(envs.num_envs, bool)
+    returns = np.zeros(envs.num_envs)
+    lengths = np.zeros(envs.num_envs, np.int64)
+    done = np.zeros(envs.num_envs, bool)
     while not done.all():
         obs, reward, terminated, truncated, _ = envs.step(policy(obs))
         returns += np.where(done, 0.0, reward)
@@ -481,10 +600,12 @@ def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
 
 
 def record_video(dataset, policy, seed: int, folder: Path, step: int) -> str | None:
-    """Render one deterministic episode to folder/step_<step>.gif; returns why not if the env cannot render."""
+    """One deterministic episode as folder/step_<step>.gif; returns why not if the env cannot render."""
     try:
         env = make_eval_env(dataset, render_mode="rgb_array")
-        obs, frames, done = env.reset(seed=seed)[0], [Image.fromarray(env.render())], False
+        obs, _ = env.reset(seed=seed)
+        frames = [Image.fromarray(env.render())]
+        done = False
         while not done:
             obs, _, terminated, truncated, _ = env.step(policy(obs[None])[0])
             frames.append(Image.fromarray(env.render()))
@@ -492,129 +613,195 @@ def record_video(dataset, policy, seed: int, folder: Path, step: int) -> str | N
         folder.mkdir(parents=True, exist_ok=True)
         frames[0].save(folder / f"step_{step}.gif", save_all=True, append_images=frames[1:], duration=33, loop=0)
     except Exception as e:
-        return (f"--capture-video: this env cannot render here ({type(e).__name__}: {str(e)[:200]}). MuJoCo "
-                "envs need an offscreen GL: MUJOCO_GL=egl (GPU) or osmesa (CPU, apt install libosmesa6).")  # fmt: skip
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        return f"--capture-video: this env cannot render here ({why}). MuJoCo needs MUJOCO_GL=egl or osmesa."
 
 
-# -------- TRY NOT TO MODIFY: configuration, checkpoints, summary ------------------------------------------------------
+# -------- TRY NOT TO MODIFY: configuration, checkpoints, summary --------
 def as_flags(settings: dict) -> list:
     """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"]: tyro checks them like flags."""
-    named = {str(key).replace("_", "-"): value for key, value in settings.items()}
-    flags = [[f"--{'' if v else 'no-'}{k}"] if isinstance(v, bool) else [f"--{k}", str(v)] for k, v in named.items()]
-    return [x for flag in flags for x in flag]
+    flags = []
+    for key, value in settings.items():
+        name = str(key).replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
 
 
 def parse_args(argv: list) -> tuple:
-    """Args defaults < DOMAIN_SETTINGS[domain of --env] < --config YAML < flags, validated; on --resume, the
-    checkpoint's arguments (a flag that would change them is refused; only --device may differ)."""
+    """(args, checkpoint): Args defaults < DOMAIN_SETTINGS[domain of --env] < --config YAML < flags, validated; on
+    --resume, the checkpoint's own."""
     args = tyro.cli(Args, args=argv, description=__doc__)
     if args.resume:
-        path = Path(args.resume) / "checkpoints" / "last.pt" if Path(args.resume).is_dir() else Path(args.resume)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if ckpt["algo"] != ALGO:
-                raise ValueError(f"it is a checkpoint of {ckpt['algo']}.py")
-            saved = Args(**ckpt["args"])
-        except Exception as e:
-            raise UserError(f"--resume {args.resume}: not a readable {ALGO}.py checkpoint ({e})") from e
-        given = dataclasses.asdict(tyro.cli(Args, args=argv, default=saved))
-        if changed := [f"{k} ({v} -> {given[k]})" for k, v in dataclasses.asdict(saved).items()
-                       if given[k] != v and k not in ("resume", "device")]:  # fmt: skip
-            raise UserError(f"a resumed run keeps its dataset and hyperparameters; cannot change {', '.join(changed)}")
-        return dataclasses.replace(saved, resume=str(path.parent.parent), device=given["device"]), ckpt
-
+        return resumed_args(argv, args.resume)
     settings = DOMAIN_SETTINGS.get(resolve_dataset_name(args.env)[1], {})
     print(f"per-domain settings for {args.env}: {settings or 'none (Args defaults)'}")
-    try:  # a config file's keys are read like flags: alone first, so that the error (printed by tyro) names it
-        config = as_flags(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else []
-        tyro.cli(Args, args=config)
-    except (OSError, yaml.YAMLError, AttributeError, SystemExit) as e:
-        raise UserError(f"in --config {args.config}: expected a YAML mapping of Args fields, read like flags"
-                        f"{'' if isinstance(e, SystemExit) else f' ({e})'}") from None  # fmt: skip
+    config = config_flags(args.config)
     return validate(tyro.cli(Args, args=[*as_flags(settings), *config, *argv])), None
 
 
+def config_flags(path: str | None) -> list:
+    """A --config YAML file as flags, first parsed alone, so that tyro's error names the file."""
+    if path is None:
+        return []
+    try:
+        flags = as_flags(yaml.safe_load(Path(path).read_text()) or {})
+        tyro.cli(Args, args=flags)
+    except (OSError, yaml.YAMLError, AttributeError, SystemExit) as e:
+        detail = "" if isinstance(e, SystemExit) else f" ({e})"
+        raise UserError(
+            f"in --config {path}: expected a YAML mapping of Args fields, read like flags{detail}"
+        ) from None
+    return flags
+
+
+def load_checkpoint(path: str, flag: str) -> tuple:
+    """(checkpoint, file) of this script's run folder (its checkpoints/last.pt) or checkpoint file; weights only."""
+    file = Path(path) / "checkpoints" / "last.pt" if Path(path).is_dir() else Path(path)
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        if ckpt["algo"] != ALGO:
+            raise ValueError(f"it is a checkpoint of {ckpt['algo']}.py")
+        Args(**ckpt["args"])
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable {ALGO}.py checkpoint ({e})") from e
+    return ckpt, file
+
+
+def resumed_args(argv: list, path: str) -> tuple:
+    """The arguments of the run to resume; a flag that would change them is refused."""
+    ckpt, file = load_checkpoint(path, "--resume")
+    saved = Args(**ckpt["args"])
+    given = dataclasses.asdict(tyro.cli(Args, args=argv, default=saved))
+    changed = []
+    for key, value in dataclasses.asdict(saved).items():
+        if given[key] != value and key not in ("resume", "device"):
+            changed.append(f"{key} ({value} -> {given[key]})")
+    if changed:
+        raise UserError(f"a resumed run keeps its dataset and hyperparameters; cannot change {', '.join(changed)}")
+    return dataclasses.replace(saved, resume=str(file.parent.parent), device=given["device"]), ckpt
+
+
 def validate(args: Args) -> Args:
-    """Out-of-range hyperparameters, and flags that would have no effect, fail here, before any data is loaded."""
-    checks = [
-        (args.total_steps > 0 and args.batch_size > 0, "total_steps and batch_size must be > 0"),
-        (0 <= args.discount <= 1 and 0 < args.tau <= 1, "discount must be in [0, 1] and tau in (0, 1]"),
-        (min(args.actor_lr, args.critic_lr, args.alpha, args.cql_temp) > 0 and args.cql_alpha >= 0, "learning rates, "
-         "alpha and cql_temp must be > 0, cql_alpha >= 0"),
-        (min(args.hidden_dim, args.actor_n_hidden, args.critic_n_hidden, args.cql_n_actions) >= 1 and args.bc_steps
-         >= 0, "hidden_dim, actor_n_hidden, critic_n_hidden and cql_n_actions must be >= 1, bc_steps >= 0"),
-        (args.cql_clip_diff_min <= args.cql_clip_diff_max, "cql_clip_diff_min must be <= cql_clip_diff_max"),
-        (args.eval_episodes >= 0 and min(args.eval_every, args.log_every, args.checkpoint_every, args.keep_checkpoints)
-         > 0, "eval_episodes must be >= 0; eval_every, log_every, checkpoint_every, keep_checkpoints > 0"),
-        (args.eval_episodes > 0 or not args.capture_video, "--capture-video needs evaluation episodes"),
-        # flags that would have no effect
-        (args.cql_lagrange == (args.cql_target_action_gap is not None), "--cql-lagrange needs its threshold "
-         "--cql-target-action-gap, which does nothing without it (unset: --cql-target-action-gap None)"),
-        (args.autotune or args.target_entropy is None, "--target-entropy does nothing with --no-autotune"),
-        (args.cql_n_actions > 1 or not args.cql_max_target_backup, "--cql-max-target-backup needs --cql-n-actions > 1"),
-        (args.cql_alpha > 0 or not args.cql_lagrange and (args.cql_temp, args.cql_clip_diff_min, args.cql_clip_diff_max)
-         == (1, -math.inf, math.inf), "--cql-alpha 0 turns the penalty off: --cql-lagrange, --cql-temp and "
-         "--cql-clip-diff-* would do nothing"),
-    ]  # fmt: skip
-    if errors := [msg for ok, msg in checks if not ok]:
-        raise UserError(f"invalid hyperparameters: {'; '.join(errors)}.")
+    """Out-of-range settings (the run's, then the algorithm's) fail here, before any data is loaded."""
+    problems = []
+    if args.total_steps <= 0 or args.batch_size <= 0:
+        problems.append("total_steps and batch_size must be > 0")
+    if args.eval_episodes < 0:
+        problems.append("eval_episodes must be >= 0")
+    if min(args.eval_every, args.log_every, args.checkpoint_every, args.keep_checkpoints) <= 0:
+        problems.append("eval_every, log_every, checkpoint_every and keep_checkpoints must be > 0")
+    if args.capture_video and args.eval_episodes == 0:
+        problems.append("--capture-video needs evaluation episodes")
+    problems += check_args(args)
+    if problems:
+        raise UserError(f"invalid hyperparameters: {'; '.join(problems)}.")
     return args
+
+
+def git_commit() -> str | None:
+    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
+    return subprocess.run(git, capture_output=True, text=True).stdout.strip() or None
 
 
 def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, clock: dict) -> None:
     """summary.json, what sweep.py and report.py read, written atomically with every checkpoint and at the end."""
     scores = [h["normalized_score"] for h in history if h["normalized_score"] is not None]
-    returns, packages = [h["return"] for h in history], ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")
-    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
-    summary = {"algo": ALGO, "env": args.env, "minari_id": dataset.id, "domain": resolve_dataset_name(dataset.id)[1],
-               "seed": args.seed, "steps": step, "total_steps": args.total_steps, "completed": step == args.total_steps,
-               "eval_episodes": args.eval_episodes, "wall_seconds": round(clock["wall"], 2),
-               "sps": round(step / max(clock["train_seconds"], 1e-9), 2), "final_return": (returns or [None])[-1],
-               "best_return": max(returns, default=None), "final_normalized_score": (scores or [None])[-1],
-               "best_normalized_score": max(scores, default=None),
-               **{k: dataset.storage.metadata.get(k) for k in ("ref_min_score", "ref_max_score")},
-               "versions": {name: importlib.metadata.version(name) for name in packages},
-               "git_commit": subprocess.run(git, capture_output=True, text=True).stdout.strip() or None,
-               "args": dataclasses.asdict(args), "eval_history": history}  # fmt: skip
+    returns = [h["return"] for h in history]
+    packages = ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")
+    summary = {
+        "algo": ALGO,
+        "env": args.env,
+        "minari_id": dataset.id,
+        "domain": resolve_dataset_name(dataset.id)[1],
+        "seed": args.seed,
+        "steps": step,
+        "total_steps": args.total_steps,
+        "completed": step == args.total_steps,
+        "eval_episodes": args.eval_episodes,
+        "wall_seconds": round(clock["wall"], 2),
+        "sps": round(step / max(clock["train_seconds"], 1e-9), 2),
+        "final_return": returns[-1] if returns else None,
+        "best_return": max(returns, default=None),
+        "final_normalized_score": scores[-1] if scores else None,
+        "best_normalized_score": max(scores, default=None),
+        "ref_min_score": dataset.storage.metadata.get("ref_min_score"),
+        "ref_max_score": dataset.storage.metadata.get("ref_max_score"),
+        "versions": {name: importlib.metadata.version(name) for name in packages},
+        "git_commit": git_commit(),
+        "args": dataclasses.asdict(args),
+        "eval_history": history,
+    }
     (run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
     os.replace(run_dir / "summary.json.tmp", run_dir / "summary.json")
 
 
-# -------- main: set up, then the training loop ------------------------------------------------------------------------
-def main(argv: list) -> None:
-    args, ckpt = parse_args(argv)
+# -------- main: set up, then the training loop --------
+def pick_device(name: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device = torch.device(next(d for d in available if available[d]) if args.device == "auto" else args.device)
-    if not available[device.type]:
-        raise UserError(f"--device {args.device} was asked for but is not available on this machine")
-    os.environ.setdefault("MUJOCO_GL", "egl")  # --capture-video: MuJoCo renders offscreen through EGL by default
-    common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
+    if name != "auto" and not available[name]:
+        raise UserError(f"--device {name} was asked for but is not available on this machine")
+    return torch.device(name if name != "auto" else next(kind for kind in available if available[kind]))
 
-    dataset = load_dataset(resolve_dataset_name(args.env)[0])
-    if args.eval_episodes and dataset.env_spec is None and dataset.storage.metadata.get("eval_env_spec") is None:
-        print(f"dataset {dataset.id} has no environment: training without evaluation (--eval-episodes 0)")
-        args = dataclasses.replace(args, eval_episodes=0, capture_video=False)
-    buffer, stats = load_buffer(dataset, args, device)
-    obs_dim, act_dim = buffer.obs.shape[1], len(stats["action_low"])
-    print(f"dataset {dataset.id}: {len(buffer.steps)} transitions, {dataset.total_episodes} episodes, "
-          f"obs {obs_dim}, actions {act_dim}, rewards '{args.reward_transform}', device {device}")  # fmt: skip
-    if args.eval_episodes:  # evaluation envs, built once
-        envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * args.eval_episodes)
-        env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
-        if env_sizes != (obs_dim, act_dim):
-            raise UserError(f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, "
-                            f"the dataset {(obs_dim, act_dim)}: they do not match")  # fmt: skip
-    has_scores = None not in map(dataset.storage.metadata.get, ("ref_min_score", "ref_max_score"))  # normalized score
 
+def make_run_dir(args: Args, resuming: bool) -> Path:
+    """<output>/<env>__<algo>__<seed>__<unix time> (or --run-name), with args.yaml; a resumed run keeps its own."""
+    if resuming:
+        return Path(args.resume)
     name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output) / name if ckpt is None else Path(args.resume)  # a resumed run stays in its folder
-    if ckpt is None and (run_dir / "checkpoints" / "last.pt").exists():
+    run_dir = Path(args.output) / name
+    if (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
     except OSError as e:
         raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from e
+    return run_dir
+
+
+def make_eval_envs(dataset, args: Args, obs_dim: int, act_dim: int) -> gym.vector.VectorEnv:
+    """The evaluation envs, built once, checked against the dataset's sizes."""
+    envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * args.eval_episodes)
+    env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
+    if env_sizes != (obs_dim, act_dim):
+        raise UserError(
+            f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, the dataset "
+            f"{(obs_dim, act_dim)}: they do not match"
+        )
+    return envs
+
+
+def check_finite(values: dict, since: int, step: int) -> None:
+    """Stop before a checkpoint is written if a logged value is NaN or infinite."""
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(
+            f"{', '.join(bad)} became non-finite between steps {since} and {step}: the data was checked when "
+            "loaded, so the optimization diverged. Lower the learning rates, or try --layer-norm."
+        )
+
+
+def main(argv: list) -> None:
+    args, ckpt = parse_args(argv)
+    device = pick_device(args.device)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # --capture-video: MuJoCo renders offscreen through EGL by default
+    common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
+
+    dataset = load_dataset(resolve_dataset_name(args.env)[0])
+    no_env = dataset.env_spec is None and dataset.storage.metadata.get("eval_env_spec") is None
+    if args.eval_episodes and no_env:
+        print(f"dataset {dataset.id} has no environment: training without evaluation (--eval-episodes 0)")
+        args = dataclasses.replace(args, eval_episodes=0, capture_video=False)
+    buffer, stats = load_buffer(dataset, args, device)
+    obs_dim = buffer.obs.shape[1]
+    act_dim = len(stats["action_low"])
+    print(f"{dataset.id}: {len(buffer.steps)} transitions, {dataset.total_episodes} episodes, device {device}")
+    envs = make_eval_envs(dataset, args, obs_dim, act_dim) if args.eval_episodes else None
+    has_scores = dataset.storage.metadata.get("ref_min_score") is not None  # else no normalized score
+    run_dir = make_run_dir(args, resuming=ckpt is not None)
 
     nets = {name: net.to(device) for name, net in make_networks(args, obs_dim, act_dim).items()}
     opts = make_optimizers(nets, args)
@@ -629,32 +816,39 @@ def main(argv: list) -> None:
     if args.track:
         import wandb  # optional: pip install wandb
 
-        wandb.init(project=os.environ.get("WANDB_PROJECT", "single-file-offline-rl"), name=run_dir.name,
-                   id=run_dir.name, config=dataclasses.asdict(args), sync_tensorboard=True, resume="allow")  # fmt: skip
+        project = os.environ.get("WANDB_PROJECT", "single-file-offline-rl")
+        wandb.init(
+            project=project, id=run_dir.name, config=dataclasses.asdict(args), sync_tensorboard=True, resume="allow"
+        )
     writer = SummaryWriter(str(run_dir), purge_step=start + 1 if start else None)
-    policy, stop = make_policy(nets["actor"], stats, device), []  # stop: signals received
-    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit with a resume hint
+    policy = make_policy(nets["actor"], stats, device)
+    stop = []  # signals received: finish the step, checkpoint, exit with a resume hint
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
-    # wall clock of the whole run (across resumes); SPS over the training steps only, evaluations/checkpoints excluded
-    t_start, t_window, last_check, last_score = time.time() - clock["wall"], time.time(), start, None
-    for step in (pbar := tqdm(range(start + 1, args.total_steps + 1), initial=start, total=args.total_steps)):
-        metrics = update(*buffer.sample(args.batch_size), bc_phase=step <= args.bc_steps)
+    # The wall clock counts the whole run (across resumes); SPS counts training steps only, evaluations excluded
+    t_start = time.time() - clock["wall"]
+    t_window = time.time()
+    last_check = start  # the step of the last host sync (logging)
+    last_score = None
+    progress = tqdm(range(start + 1, args.total_steps + 1), initial=start, total=args.total_steps)
+    for step in progress:
+        metrics = update(buffer.sample(args.batch_size), step)
         final = step == args.total_steps
+        checkpoint_now = step % args.checkpoint_every == 0 or final or stop
 
-        if step % args.log_every == 0 or step % args.checkpoint_every == 0 or final or stop:
-            values = {k: v.item() for k, v in metrics.items()}  # the only host sync of training, never per step
-            if bad := [k for k, v in values.items() if not math.isfinite(v)]:  # stop before a checkpoint is written
-                raise FloatingPointError(f"{', '.join(bad)} became non-finite between steps {last_check} and {step}: "
-                                         "the data was checked when loaded, so the optimization diverged. Lower the "
-                                         "learning rates, or try --layer-norm.")  # fmt: skip
-            clock["train_seconds"] += (seconds := time.time() - t_window)
+        if step % args.log_every == 0 or checkpoint_now:
+            values = {name: value.item() for name, value in metrics.items()}  # the only host sync of training
+            check_finite(values, last_check, step)
+            seconds = time.time() - t_window
+            clock["train_seconds"] += seconds
             values["charts/SPS"] = (step - last_check) / max(seconds, 1e-9)
             values["charts/learning_rate"] = float(opts["actor_opt"].param_groups[0]["lr"])
-            for k, v in values.items():
-                writer.add_scalar(k, v, step)
-            pbar.set_postfix(sps=f"{values['charts/SPS']:.0f}", score=last_score)
-            t_window, last_check = time.time(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            progress.set_postfix(sps=f"{values['charts/SPS']:.0f}", score=last_score)
+            t_window = time.time()
+            last_check = step
 
         t_pause = time.time()
         if args.eval_episodes and (step % args.eval_every == 0 or final):
@@ -662,25 +856,35 @@ def main(argv: list) -> None:
             seeds = [int(s) for s in np.random.SeedSequence([args.seed, step]).generate_state(args.eval_episodes)]
             returns, lengths = evaluate(envs, policy, seeds)
             score = float(np.mean(minari.get_normalized_score(dataset, returns)) * 100) if has_scores else None
-            history.append({"step": step, "return": float(returns.mean()), "return_std": float(returns.std()),
-                            "length": float(lengths.mean()), "normalized_score": score,
-                            "seconds": round(time.time() - t_pause, 3)})  # fmt: skip
-            for tag in ("return", "length") + (("normalized_score",) if has_scores else ()):
-                writer.add_scalar(f"eval/{tag}", history[-1][tag], step)
+            history.append(
+                {
+                    "step": step,
+                    "return": float(returns.mean()),
+                    "return_std": float(returns.std()),
+                    "length": float(lengths.mean()),
+                    "normalized_score": score,
+                    "seconds": round(time.time() - t_pause, 3),
+                }
+            )
+            for tag in ("return", "length", "normalized_score"):
+                if history[-1][tag] is not None:
+                    writer.add_scalar(f"eval/{tag}", history[-1][tag], step)
             last_score = f"{returns.mean() if score is None else score:.1f}"
-            if args.capture_video and (message := record_video(dataset, policy, seeds[0], run_dir / "videos", step)):
-                tqdm.write(message)
-                args.capture_video = False
+            if args.capture_video:
+                problem = record_video(dataset, policy, seeds[0], run_dir / "videos", step)
+                if problem:
+                    tqdm.write(problem)
+                    args.capture_video = False
             nets["actor"].train()
 
-        if step % args.checkpoint_every == 0 or final or stop:
+        if checkpoint_now:
             clock["wall"] = time.time() - t_start
-            state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()} | dict(
-                algo=ALGO, minari_id=dataset.id, step=step, args=dataclasses.asdict(args), clock=clock,
-                normalization=stats, eval_history=history, rng=common.get_rng_states(buffer.generator))  # fmt: skip
+            state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()}
+            state.update(algo=ALGO, minari_id=dataset.id, step=step, args=dataclasses.asdict(args), clock=clock)
+            state.update(normalization=stats, eval_history=history, rng=common.get_rng_states(buffer.generator))
             common.save_checkpoint(run_dir, state, step, args.keep_checkpoints)
             write_summary(run_dir, args, dataset, history, step, clock)
-        t_window += time.time() - t_pause
+        t_window += time.time() - t_pause  # evaluation and checkpoint time is not training time
         if stop:
             break
 
@@ -697,3 +901,4 @@ if __name__ == "__main__":
     except (UserError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 3)
+# ======== SHARED BLOCK ends ========

@@ -115,37 +115,31 @@ def corl_order_update(iql, common, torch):
     def make_update(nets, opts, args):
         actor, critic, target_critic, value = nets["actor"], nets["critic"], nets["target_critic"], nets["value"]
 
-        def update(obs, actions, rewards, next_obs, dones):
+        def corl_step(batch):
+            obs, actions = batch["obs"], batch["actions"]
             with torch.no_grad():
                 target_q = target_critic(obs, actions).min(dim=0).values
-                next_v = value(next_obs).squeeze(-1)
+                next_v = value(batch["next_obs"]).squeeze(-1)
             v = value(obs).squeeze(-1)
             advantage = target_q - v
             value_loss = iql.expectile_loss(advantage, args.expectile)
-            opts["value_opt"].zero_grad(set_to_none=True)
-            value_loss.backward()
-            opts["value_opt"].step()
+            common.descend(opts["value_opt"], value_loss)
 
             q = critic(obs, actions)
-            critic_loss = iql.td_loss(q, rewards, dones, next_v, args.discount)
-            opts["critic_opt"].zero_grad(set_to_none=True)
-            critic_loss.backward()
-            opts["critic_opt"].step()
+            critic_loss = iql.td_loss(q, batch["rewards"], batch["dones"], next_v, args.discount)
+            common.descend(opts["critic_opt"], critic_loss)
 
-            weights = iql.awr_weights(advantage.detach(), args.beta)
+            weights = iql.awr_weights(advantage.detach(), args.beta, args.max_weight)
             actor_loss = iql.awr_actor_loss(actor.log_prob(obs, actions), weights)
-            opts["actor_opt"].zero_grad(set_to_none=True)
-            actor_loss.backward()
-            opts["actor_opt"].step()
+            common.descend(opts["actor_opt"], actor_loss)
             opts["scheduler"].step()
 
             common.soft_update(target_critic, critic, args.tau)
             losses = dict(value_loss=value_loss, actor_loss=actor_loss, critic_loss=critic_loss)
             return {f"losses/{k}": x.detach() for k, x in losses.items()}
 
-        if args.bf16:
-            update = torch.autocast(next(critic.parameters()).device.type, torch.bfloat16)(update)
-        return torch.compile(update) if args.compile else update
+        corl_step = common.accelerate(corl_step, next(critic.parameters()).device.type, args.bf16, args.compile)
+        return lambda batch, step: corl_step(batch)
 
     return make_update
 

@@ -230,13 +230,13 @@ def profile_update(algo: str, args: Args, buffer, steps: int = 50) -> tuple:
         k: v.to(device) for k, v in module.make_networks(margs, buffer.obs.shape[1], buffer.steps.shape[1] - 2).items()
     }
     update = module.make_update(nets, module.make_optimizers(nets, margs), margs)
-    for _ in range(10):  # warm-up (and compilation, with --compile)
-        update(*buffer.sample(256))
+    for step in range(1, 11):  # warm-up (and compilation, with --compile)
+        update(buffer.sample(256), step)
     gpu = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            update(*buffer.sample(256))
+        for step in range(11, 11 + steps):
+            update(buffer.sample(256), step)
         if gpu:
             torch.cuda.synchronize()
     events = prof.events()

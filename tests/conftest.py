@@ -1,13 +1,16 @@
 """Shared fixtures: one temporary Minari store for the whole session, with small local datasets built on
-first use, and a helper that runs a script as a user would (subprocess, exit code, output)."""
+first use, and a helper that runs a script as a user would (subprocess, exit code, output). Every test runs with
+one torch thread (the suite runs in parallel, one worker per core) and leaves no global state behind."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from datasets import inverted_pendulum_controller, make_dataset
+import torch
+from local_datasets import inverted_pendulum_controller, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 PENDULUM = "local/pendulum/random-v0"  # Box observations, reference scores set
@@ -17,12 +20,31 @@ INVERTED = "local/invertedpendulum/noisy-v0"  # known behaviour policy: linear c
 INVERTED_REF = (5.0, 1000.0)  # random policy ~5, perfect balancing 1000
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """Whatever a test changes of the process (signal handlers, environment variables, working directory, torch's
+    thread count) is put back afterwards, so that no test depends on the ones that ran before it in its worker."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    environ, cwd = dict(os.environ), os.getcwd()
+    torch.set_num_threads(1)  # pytest-xdist runs one worker per core: a second thread per worker only waits
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def minari_root(tmp_path_factory) -> Path:
+    """The Minari store of this test session (each pytest-xdist worker has its own). Autouse: it is set before any
+    test's snapshot of the environment, so that restoring a snapshot never removes it."""
     root = tmp_path_factory.mktemp("minari")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # never try the network from tests
-    return root
+    with pytest.MonkeyPatch.context() as session_env:
+        session_env.setenv("MINARI_DATASETS_PATH", str(root))
+        session_env.setenv("HF_HUB_OFFLINE", "1")  # never try the network from tests
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ bad input is an exit code 2 with a message; interruption never leaves a partial 
 README quickstart runs end to end."""
 
 import dataclasses
+import importlib
 import json
 import os
 import shlex
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_script
-from datasets import make_dataset
+from local_datasets import make_dataset
 
 import collect
 
@@ -37,14 +38,6 @@ REDUCED = [
 # A SAC teacher small enough for a test: 16-unit networks, 32-transition batches
 TINY_SAC = ["--env", "Pendulum-v1", "--policy", "sac", "--batch-size", 32, "--hidden-dim", 16]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny networks: a second thread only adds waiting on a busy machine
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def record(*argv) -> minari.MinariDataset:
@@ -77,7 +70,7 @@ def assert_same_episodes(a: minari.MinariDataset, b: minari.MinariDataset) -> No
             np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once: every test of this file runs on one worker (--dist loadfile)
 def quickstart(minari_root, tmp_path_factory) -> dict:
     """The quickstart's two commands at a reduced size, run as a user would, in a subprocess each."""
     out = tmp_path_factory.mktemp("quickstart")
@@ -260,7 +253,7 @@ def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env, minari_id: st
 )
 def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, actor_args):
     """The script's deterministic action tanh(mu((s - mean) / std)), mapped from [-1, 1] to [low, high]."""
-    script = __import__(algo)  # imported here: a broken script fails this test only
+    script = importlib.import_module(algo)  # imported here: a broken script fails this test only
     torch.manual_seed(0)
     env = gym.make("Pendulum-v1")
     actor = script.Actor(*actor_args).eval()
@@ -271,6 +264,17 @@ def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, actor_args):
         with torch.no_grad():
             a = actor((torch.from_numpy(obs) - norm["obs_mean"]) / norm["obs_std"]).numpy()
         np.testing.assert_allclose(rebuilt(obs), 2.0 * a, rtol=1e-5, atol=1e-5)  # Pendulum acts in [-2, 2]
+
+
+def test_a_cql_actor_is_rebuilt_from_its_state_dict_skipping_the_log_std_scalars():
+    """collect.py runs a cql.py checkpoint's actor from its Linear layers alone: the scalars are skipped by name."""
+    import cql
+
+    torch.manual_seed(0)
+    actor = cql.make_networks(cql.Args(hidden_dim=16, actor_n_hidden=2), 3, 2)["actor"]
+    obs = torch.randn(4, 3)
+    net = collect.actor_mean_net(actor.state_dict())
+    torch.testing.assert_close(torch.tanh(net(obs)[:, :2]), actor(obs))
 
 
 def test_checkpoint_of_another_env_is_refused(minari_root, quickstart):

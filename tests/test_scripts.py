@@ -2,7 +2,9 @@
 dict-observation and Adroit datasets, resume after a real signal, determinism, atomic checkpoints, numerical
 faults and clear errors (exit code 2, no traceback) for bad input. Parametrized over the algorithms."""
 
+import importlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, run_script
-from datasets import make_dataset, rollout
+from local_datasets import make_dataset, rollout
 
 import common
 
@@ -143,7 +145,7 @@ def resumable(algo):
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once: every test of this file runs on one worker (--dist loadfile)
 def reference_runs(tmp_path_factory, pendulum):
     """Uninterrupted runs, computed once per algorithm: the baseline of the determinism and resume tests."""
     runs = {}
@@ -177,14 +179,14 @@ def test_same_seed_gives_identical_parameters_and_scores(algo, reference_runs, p
 
 def test_the_seed_sets_the_initial_networks_and_the_batches(algo, pendulum):
     """What main() seeds with --seed: every torch draw (network init) and the buffer's own sampler."""
-    module, draws = __import__(algo[:-3]), []
+    module, draws = importlib.import_module(algo[:-3]), []
     dataset = module.load_dataset(pendulum)
     for seed in (1, 1, 2):
         args = module.Args(env=pendulum, seed=seed, hidden_dim=32)
         common.seed_everything(seed)
         actor = module.make_networks(args, 3, 1)["actor"]
         buffer, _ = module.load_buffer(dataset, args, torch.device("cpu"))
-        draws.append((actor.net[0].weight.detach(), buffer.sample(16)[0]))
+        draws.append((actor.net[0].weight.detach(), buffer.sample(16)["obs"]))
     (init_a, batch_a), (init_b, batch_b), (init_c, batch_c) = draws
     assert torch.equal(init_a, init_b) and torch.equal(batch_a, batch_b)
     assert not torch.equal(init_a, init_c) and not torch.equal(batch_a, batch_c)
@@ -194,7 +196,7 @@ def test_the_seed_sets_the_initial_networks_and_the_batches(algo, pendulum):
 def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, sig, reference_runs, pendulum, tmp_path):
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *resumable(algo), "--output", str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.time() + 120
     while not list(tmp_path.glob("*/checkpoints/step_*.pt")) and time.time() < deadline:
@@ -388,7 +390,7 @@ class Countdown(gym.Env):
 
 @pytest.mark.parametrize("mode", [gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP])
 def test_evaluate_counts_only_each_sub_envs_first_episode(algo, mode):
-    module = __import__(algo[:-3])
+    module = importlib.import_module(algo[:-3])
     lengths = [3, 5, 2]
     envs = gym.vector.SyncVectorEnv(
         [lambda n=n, i=i: Countdown(n, truncate=i == 1) for i, n in enumerate(lengths)], autoreset_mode=mode

@@ -73,14 +73,15 @@ def step_of(run_dir: Path):
     return torch.load(last, weights_only=True)["step"] if last.exists() else None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once: every test of this file runs on one worker (--dist loadfile)
 def grid(pendulum, tmp_path_factory):
     """The grid launched three times; what each launch printed and left behind."""
     tmp = tmp_path_factory.mktemp("sweep")
     out = tmp / "runs"
     grid_file = tmp / "grid.yaml"
     grid = {"algos": ["iql", "cql"], "envs": [pendulum], "seeds": [0, 1], "total_steps": TOTAL, "output": str(out)}
-    grid_file.write_text(yaml.safe_dump({**grid, "num_cpus": 2, "flags": FLAGS}))
+    # one run at a time: the suite runs on every core already (pytest-xdist), so Ray gets one
+    grid_file.write_text(yaml.safe_dump({**grid, "num_cpus": 1, "flags": FLAGS}))
     names = [f"{pendulum.replace('/', '-')}__{a}__{s}" for a in ("iql", "cql") for s in (0, 1)]
     launches = []
 
