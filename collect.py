@@ -46,7 +46,7 @@ with contextlib.redirect_stderr(io.StringIO()):  # registers PointMaze, AntMaze,
     gym.register_envs(gymnasium_robotics)
 
 ALGO = "collect-sac"  # the "algo" of the teacher.pt checkpoints this script writes
-ACTOR_ALGOS = ("iql", "cql", ALGO)  # checkpoints whose actor --policy checkpoint can run
+ACTOR_ALGOS = ("iql", "cql", "td3_bc", "rebrac", ALGO)  # checkpoints whose actor --policy checkpoint can run
 TRAINING_STATE = "teacher_training.pt"  # what --resume reads; its algo is ALGO + "-training"
 
 
@@ -67,7 +67,8 @@ class Args:
     overwrite: bool = False
     """replace an existing local dataset with the same id"""
     checkpoint: str | None = None
-    """--policy checkpoint: an iql.py/cql.py run folder or checkpoint file, or a collect.py teacher.pt"""
+    """--policy checkpoint: a run folder or checkpoint of an algorithm script (iql.py, cql.py, td3_bc.py, rebrac.py), a
+    collect.py teacher.pt, or a policy file written by a script's --export (.pt2; give --env with it)"""
     action_noise: float = 0.0
     """std of Gaussian noise added to the policy's actions, in units of half the action range, then clipped"""
     epsilon: float = 0.0
@@ -340,7 +341,8 @@ def actor_mean_net(state: dict) -> nn.Sequential:
     if not names or any(k not in known and "std" not in k and v.dim() > 0 for k, v in state.items()):
         raise UserError(
             f"the checkpoint's actor has a layout collect.py cannot rebuild (parameters {list(state)}): it expects "
-            "Linear layers with ReLU between them and a tanh on the output, as in iql.py, cql.py and collect.py"
+            "Linear layers with ReLU between them and a tanh on the output, as the algorithm scripts' actors have "
+            "by default; export the policy with the script's --export and record with the .pt2 file instead"
         )
     layers = []
     for name in names:
@@ -388,7 +390,7 @@ def checkpoint_env_spec(ckpt: dict) -> gym.envs.registration.EnvSpec:
 
 def checkpoint_policy(ckpt: dict, env: gym.Env, device):
     """The checkpoint's deterministic actor, flat observation -> action in [-1, 1], once it is known to fit the env."""
-    norm = {k: v.numpy() for k, v in ckpt["normalization"].items()}
+    norm = {k: v.numpy() for k, v in ckpt["normalization"].items() if isinstance(v, torch.Tensor)}
     net = actor_mean_net(ckpt["actor"]).to(device)
     space, obs_dim = env.action_space, gym.spaces.flatdim(env.observation_space)
     act_dim, low, high = space.shape[0], norm["action_low"], norm["action_high"]
@@ -403,6 +405,28 @@ def checkpoint_policy(ckpt: dict, env: gym.Env, device):
     def act(obs: np.ndarray) -> np.ndarray:
         x = torch.as_tensor((obs - norm["obs_mean"]) / norm["obs_std"], dtype=torch.float32, device=device)
         return torch.tanh(net(x)[..., :act_dim]).cpu().numpy().astype(np.float64)
+
+    return act
+
+
+def exported_policy(path: str, env: gym.Env):
+    """A policy file written by an algorithm script's --export (torch.export: raw flat observation in, env action
+    out), as an actor: flat observation -> action in [-1, 1]."""
+    space = env.action_space
+    try:
+        policy = torch.export.load(path).module()
+        with torch.no_grad():
+            shape = policy(torch.zeros(1, gym.spaces.flatdim(env.observation_space))).shape
+    except Exception as e:
+        error = f"{type(e).__name__}: {str(e)[:200]}"
+        raise UserError(f"{path} is not a policy exported for env {env.spec.id} ({error})") from e
+    if shape != (1, *space.shape):
+        raise UserError(f"{path} acts with shape {tuple(shape)[1:]}, env {env.spec.id} with {space.shape}")
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        action = policy(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy().astype(np.float64)
+        return np.clip(2.0 * (action - space.low) / (space.high - space.low) - 1.0, -1.0, 1.0)
 
     return act
 
@@ -644,8 +668,11 @@ def main(argv: list) -> minari.MinariDataset:
         raise UserError(f"--device {device} was asked for but is not available on this machine")
     torch.set_num_threads(args.threads)
     ckpt, ckpt_path = None, None
-    if args.policy == "checkpoint":
-        names, what = ("teacher.pt", "checkpoints/last.pt"), "an iql.py, cql.py or collect.py actor checkpoint"
+    exported = args.policy == "checkpoint" and str(args.checkpoint).endswith(".pt2")
+    if exported and args.env is None:
+        raise UserError(f"{args.checkpoint} is an exported policy: give the env it acts in with --env")
+    if args.policy == "checkpoint" and not exported:
+        names, what = ("teacher.pt", "checkpoints/last.pt"), "an algorithm script's or collect.py's actor checkpoint"
         ckpt, ckpt_path = load_checkpoint(args.checkpoint, names, ACTOR_ALGOS, ("actor", "normalization"), what)
     if args.env is None and ckpt is None:
         raise UserError("give the env to record with --env (e.g. --env Pendulum-v1)")
@@ -673,6 +700,8 @@ def main(argv: list) -> minari.MinariDataset:
     episodes, best, source, data = [], None, "uniform random actions", ""
     if ckpt is not None:
         best, source = checkpoint_policy(ckpt, env, device), f"{ckpt['algo']} checkpoint {ckpt_path}"
+    elif exported:
+        best, source = exported_policy(args.checkpoint, env), f"exported policy {args.checkpoint}"
     elif args.policy == "sac":
         t0 = time.time()
         actor, replay = train_teacher(env, args, device, run_dir, argv, state)

@@ -35,6 +35,8 @@ class OutputLinear(nn.Linear):
     """A network's last layer, in float32 even under bf16 autocast (bf16's spacing at Q ~ 100 is 0.5)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):  # a plain layer (and a plain graph for torch.export)
+            return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 
@@ -43,6 +45,8 @@ class BatchedOutputLinear(BatchedLinear):
     """BatchedLinear as the last layer of twin critics: float32 under bf16 autocast, like OutputLinear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 

@@ -78,3 +78,27 @@ def inverted_pendulum_controller(noise: float):
         return np.clip(gains @ obs + noise * rng.standard_normal(1), -3.0, 3.0).astype(np.float32)
 
     return policy
+
+
+class Countdown(gym.Env):
+    """Episodes of a fixed length ending in a termination or, with truncate, a time limit; the observation after step
+    t is t and so is its reward, so a second episode would change the return."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, length: int = 3, truncate: bool = False):
+        self.length, self.truncate = length, truncate
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        end = self.t >= self.length
+        return np.full(1, self.t, np.float32), float(self.t), end and not self.truncate, end and self.truncate, {}
+
+
+gym.register("LocalCountdown-v0", entry_point="local_datasets:Countdown")  # for in-process tests only

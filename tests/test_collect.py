@@ -378,7 +378,9 @@ def test_unreadable_checkpoints_exit_with_code_2(minari_root, capsys, tmp_path, 
     else:
         torch.save([1, 2, 3], path)
     code, error = exit_code_and_error(capsys, "--policy", "checkpoint", "--checkpoint", path)
-    expected = "not an iql.py, cql.py or collect.py actor checkpoint" if damage == "not a dict" else "truncated or"
+    expected = (
+        "not an algorithm script's or collect.py's actor checkpoint" if damage == "not a dict" else "truncated or"
+    )
     assert code == 2 and expected in error, error
 
 

@@ -9,7 +9,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from local_datasets import rollout
+from local_datasets import Countdown, rollout
 
 import iql
 
@@ -90,9 +90,13 @@ def test_policy_normalizes_observations_and_maps_actions_back_to_the_env_bounds(
     actor = iql.Actor(2, 1, 8, 1, dropout=0.0, deterministic=True)
     seen = []
     actor.forward = lambda obs: (seen.append(obs), torch.full((len(obs), 1), 0.5))[1]
-    stats = {"obs_mean": torch.tensor([1.0, 2.0]), "obs_std": torch.tensor([2.0, 4.0]),
-             "action_low": torch.tensor([-2.0]), "action_high": torch.tensor([2.0])}  # fmt: skip
-    action = iql.make_policy(actor, stats, torch.device("cpu"))(np.array([[3.0, 6.0]]))
+    stats = {
+        "obs_mean": torch.tensor([1.0, 2.0]),
+        "obs_std": torch.tensor([2.0, 4.0]),
+        "action_low": torch.tensor([-2.0]),
+        "action_high": torch.tensor([2.0]),
+    }
+    action = iql.numpy_policy(iql.Policy(actor, stats), torch.device("cpu"))(np.array([[3.0, 6.0]]))
     torch.testing.assert_close(seen[0], torch.tensor([[1.0, 1.0]]))  # (obs - mean) / std
     np.testing.assert_allclose(action, [[1.0]])  # 0.5 in [-1, 1] is 1.0 in [-2, 2]
 
@@ -121,7 +125,7 @@ def test_buffer_stores_each_observation_once_and_pairs_it_with_the_next_within_i
     args = iql.Args(normalize_states=False)
     buffer, stats = iql.load_buffer(dataset, args, torch.device("cpu"))
     episodes = list(dataset.iterate_episodes())
-    assert buffer.obs.shape[0] == dataset.total_steps + len(episodes)  # T + 1 rows per episode, no next_obs copy
+    assert buffer.obs.shape[0] == buffer.n_obs == dataset.total_steps + len(episodes)  # T + 1 rows per episode
     assert buffer.obs.dtype == torch.float32 and torch.equal(stats["obs_mean"], torch.zeros(3))
     first, second = episodes[0], episodes[1]
     n = len(first.rewards)
@@ -188,3 +192,15 @@ def test_the_example_override_file_is_valid():
         ["--env", "local/x/y-v0", "--config", str(Path(iql.__file__).parent / "configs" / "example.yaml")]
     )
     assert args.layer_norm and args.total_steps == 500_000
+
+
+@pytest.mark.parametrize("mode", [gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP])
+def test_evaluate_counts_only_each_sub_envs_first_episode(mode):
+    lengths = [3, 5, 2]
+    envs = gym.vector.SyncVectorEnv(
+        [lambda n=n, i=i: Countdown(n, truncate=i == 1) for i, n in enumerate(lengths)], autoreset_mode=mode
+    )
+    returns, episode_lengths, success = iql.evaluate(envs, lambda obs: np.zeros((len(obs), 1), np.float32), [0, 1, 2])
+    assert success is None  # these envs do not report success
+    np.testing.assert_array_equal(episode_lengths, lengths)
+    np.testing.assert_array_equal(returns, [n * (n + 1) / 2 for n in lengths])  # 1 + 2 + ... + n, once

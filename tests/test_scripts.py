@@ -366,35 +366,3 @@ def test_run_name_fixes_the_folder_and_an_existing_run_is_not_overwritten(algo, 
     assert run_script(algo, *args).returncode == 0
     assert (tmp_path / "grid__cell" / "checkpoints" / "last.pt").is_file()
     assert_user_error(run_script(algo, *args), "already holds a run", f"--resume {tmp_path / 'grid__cell'}")
-
-
-class Countdown(gym.Env):
-    """Episodes of a fixed length; the reward of step t is t, so a second episode would change the return."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
-    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def __init__(self, length: int, truncate: bool):
-        self.length, self.truncate = length, truncate
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        self.t += 1
-        end = self.t >= self.length
-        return np.full(1, self.t, np.float32), float(self.t), end and not self.truncate, end and self.truncate, {}
-
-
-@pytest.mark.parametrize("mode", [gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP])
-def test_evaluate_counts_only_each_sub_envs_first_episode(algo, mode):
-    module = importlib.import_module(algo[:-3])
-    lengths = [3, 5, 2]
-    envs = gym.vector.SyncVectorEnv(
-        [lambda n=n, i=i: Countdown(n, truncate=i == 1) for i, n in enumerate(lengths)], autoreset_mode=mode
-    )
-    returns, episode_lengths = module.evaluate(envs, lambda obs: np.zeros((len(obs), 1), np.float32), [0, 1, 2])
-    np.testing.assert_array_equal(episode_lengths, lengths)
-    np.testing.assert_array_equal(returns, [n * (n + 1) / 2 for n in lengths])  # 1 + 2 + ... + n, once
