@@ -207,7 +207,15 @@ def fixed_batch(batch=32):
     obs, next_obs = torch.randn(batch, OBS, generator=g), torch.randn(batch, OBS, generator=g)
     actions = (torch.rand(batch, ACT, generator=g) * 2 - 1).clamp(-1 + 1e-5, 1 - 1e-5)
     rewards, dones = torch.randn(batch, generator=g), (torch.rand(batch, generator=g) < 0.2).float()
-    return {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "dones": dones}
+    returns_to_go = 0.02 * torch.randn(batch, generator=g)  # near the initial Q ~ 0: some bounds hold, some do not
+    return {
+        "obs": obs,
+        "actions": actions,
+        "rewards": rewards,
+        "next_obs": next_obs,
+        "dones": dones,
+        "returns_to_go": returns_to_go,
+    }
 
 
 def reference_step(nets, args, batch, bc_phase=False):
@@ -253,11 +261,15 @@ def reference_step(nets, args, batch, bc_phase=False):
     for i in range(2):
         q_data = critic(obs, actions)[i]
         losses[f"td{i}"] = ((q_data - y) ** 2).mean()
+        q_following, q_current = q(i, critic, obs, following), q(i, critic, obs, current)
+        if args.cal_ql:  # CORL's finetune/cal_ql.py: torch.maximum(cql_q*_current/next_actions, lower_bounds)
+            q_following = torch.maximum(q_following, batch["returns_to_go"])
+            q_current = torch.maximum(q_current, batch["returns_to_go"])
         cat = torch.cat(
             [
                 q(i, critic, obs, uniform) - ACT * math.log(0.5),
-                q(i, critic, obs, following) - following_log_pi,
-                q(i, critic, obs, current) - current_log_pi,
+                q_following - following_log_pi,
+                q_current - current_log_pi,
             ]
         )
         ood = args.cql_temp * torch.logsumexp(cat / args.cql_temp, dim=0)
@@ -395,6 +407,31 @@ def test_fixed_alpha_is_used_and_never_tuned_and_target_entropy_sets_the_tempera
         target = -float(ACT) if target_entropy is None else target_entropy
         expected_loss = -math.log(0.5) * (-m["entropy"].item() + target)
         assert m["alpha_loss"].item() == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_calibrate_is_the_elementwise_maximum_of_q_and_the_return_to_go():
+    q = torch.tensor([[[1.0, -2.0], [0.5, 3.0]]])  # (critics, actions, states)
+    torch.testing.assert_close(cql.calibrate(q, torch.tensor([0.0, 0.0])), torch.tensor([[[1.0, 0.0], [0.5, 3.0]]]))
+
+
+def test_cal_ql_bounds_the_policy_actions_q_by_the_return_to_go_where_q_is_below_it_and_nothing_else():
+    """The same step with and without --cal-ql: equal to the reference (which clamps as CORL's cal_ql.py does), the
+    penalty changed only because some policy-action Q were below G, the TD error and the actor untouched."""
+    plain, _, _, _ = run_both()
+    metrics, expected, grads, nets = run_both(cal_ql=True)
+    assert 0.0 < metrics["calql_bound_rate"].item() < 1.0  # the bound holds for some policy actions, not all
+    for key in ("cql_gap", "cql_penalty", "actor_loss", "q_target"):
+        torch.testing.assert_close(metrics[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert metrics["cql_gap"].item() > plain["cql_gap"].item()  # raising Q to G can only raise the log-sum-exp
+    assert metrics["td_loss"].item() == plain["td_loss"].item() and metrics["actor_loss"] == plain["actor_loss"]
+    for (key, p), g in zip(nets["critic"].named_parameters(), grads["critic"], strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=key)
+    far_below = {**fixed_batch(), "returns_to_go": torch.full((32,), -1e3)}  # a bound that never holds
+    _, nets, update = build(cal_ql=True)
+    torch.manual_seed(1)
+    low = update(far_below, 1)
+    assert low["losses/calql_bound_rate"].item() == 0.0
+    assert low["losses/cql_gap"].item() == pytest.approx(plain["cql_gap"].item(), rel=1e-6)
 
 
 # ---- networks -------------------------------------------------------------------------------------------
