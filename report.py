@@ -7,11 +7,12 @@ by (algorithm, dataset) and writes, following CORL's protocol (final score = the
 maximum over evaluations; mean and standard deviation over seeds, numpy's population std, ddof=0):
   report.md             final and best normalized score as mean ± std (seeds), per-domain averages, warnings
   results.csv           the same numbers unrounded, one row per (algorithm, dataset) and per domain average
-  curves_<dataset>.png  normalized score against gradient steps per algorithm: mean and a ±std band
+  curves_<dataset>.png  normalized score against gradient steps per algorithm: the mean at each evaluation (a
+                        marker, so that a single evaluation shows too) and a ±std band
   aggregate.png         with rliable (the [report] extra): IQM and optimality gap with 95% stratified-bootstrap
                         confidence intervals, and performance profiles, over all datasets with reference scores
 
-A dataset without reference scores is reported in raw return (marked †). README: "Running many experiments".
+A dataset without reference scores is reported in raw return (marked †). Docs: docs/sweeps.md.
 """
 
 import csv
@@ -37,7 +38,8 @@ PROTOCOL = (
     "with the dataset's reference scores; † = raw return (the dataset has none). Domain average = the mean of the "
     "dataset means."
 )
-RLIABLE_HINT = "pip install 'single-file-offline-rl[report]' (or: pip install rliable 'arch<8' 'pandas<3')"
+# The project is not published on PyPI: its extras install from a checkout of the repository
+RLIABLE_HINT = 'pip install -e ".[report]" in the repository (or: pip install rliable "arch<8" "pandas<3")'
 
 
 @dataclass
@@ -83,8 +85,8 @@ def load_runs(folders: list, warn) -> list:
             if isinstance(summary, dict) and {"algo", "minari_id", "seed", "eval_history"} <= summary.keys():
                 runs.append({**summary, "path": str(path.parent), "mtime": path.stat().st_mtime})
     if not runs:
-        raise UserError(f"no summary.json of an iql.py / cql.py run under {', '.join(folders)}: runs write it at "
-                        "their first evaluation, into <--output>/<run>/summary.json")  # fmt: skip
+        raise UserError(f"no summary.json of an iql.py / cql.py run under {', '.join(folders)}: runs write it with "
+                        "every checkpoint, into <--output>/<run>/summary.json")  # fmt: skip
     return runs
 
 
@@ -191,7 +193,9 @@ def markdown_table(rows: list, algos: list, metric: str) -> str:
 
 # -------- Plots and aggregates ----------------------------------------------------------------------------------------
 def plot_curves(groups: dict, names: dict, domains: dict, out: Path, plt) -> list:
-    """curves_<dataset>.png: per algorithm the mean over seeds at each evaluation step and a ±std band."""
+    """curves_<dataset>.png: per algorithm the mean over seeds at each evaluation step, drawn as a line with a
+    marker at every evaluation (a run with one evaluation is one point, which a line alone would not show), and a
+    ±std band."""
     files = []
     for dataset in sorted({d for _, d in groups}, key=lambda d: (domains[d], names[d])):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -205,7 +209,7 @@ def plot_curves(groups: dict, names: dict, domains: dict, out: Path, plt) -> lis
                     at[h["step"]].append(h[key])
             steps = np.array(sorted(at))
             mean, std = np.array([np.mean(at[s]) for s in steps]), np.array([np.std(at[s]) for s in steps])
-            ax.plot(steps, mean, label=f"{algo} ({len(g.runs)} seeds)")
+            ax.plot(steps, mean, marker="o", markersize=4, label=f"{algo} ({len(g.runs)} seeds)")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
             ylabel = "normalized score" if g.unit == "normalized" else "return (no reference scores)"
         ax.set(title=names[dataset], xlabel="gradient steps", ylabel=ylabel)

@@ -167,6 +167,34 @@ def test_curves_plot_the_mean_and_std_of_the_evaluations_at_each_step(runs, tmp_
     plt.close("all")
 
 
+def test_a_curve_with_a_single_evaluation_is_drawn_as_a_visible_marker(tmp_path, monkeypatch):
+    """A line through one point draws nothing (and its ±std band is empty): each evaluation carries a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for seed in range(2):
+        write_run(tmp_path / "runs", "iql", "D4RL/door/human-v2", seed, [40.0 + seed], steps=[300])
+    selected = report.select(report.load_runs([str(tmp_path / "runs")], print), False, print)
+    groups = report.make_groups(selected, print)
+    names, domains = report.names_and_domains(selected)
+    monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to read and render it
+    (path,) = report.plot_curves(groups, names, domains, tmp_path, plt)
+    fig = plt.figure(plt.get_fignums()[-1])
+    ax = fig.axes[0]
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [300] and list(line.get_ydata()) == [40.5]
+    assert line.get_marker() not in (None, "", " ", "None", "none") and line.get_markersize() > 0
+    ax.get_legend().remove()  # the legend's sample would show the colour even without a marker
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    colour = (np.array(matplotlib.colors.to_rgb(line.get_color())) * 255).round().astype(int)
+    assert (np.abs(pixels - colour).max(axis=-1) <= 8).sum() >= 10  # the marker's pixels, in the line's colour
+    plt.close("all")
+    assert path.is_file()
+
+
 def test_without_rliable_the_report_says_how_to_get_the_aggregates(runs, tmp_path):
     hidden = tmp_path / "hide"
     (hidden / "rliable").mkdir(parents=True)
@@ -174,7 +202,7 @@ def test_without_rliable_the_report_says_how_to_get_the_aggregates(runs, tmp_pat
     result = run_script("report.py", runs[0], "--out", tmp_path / "r", env={"PYTHONPATH": str(hidden)})
     assert result.returncode == 0, result.stdout + result.stderr
     text = (tmp_path / "r" / "report.md").read_text()
-    assert "rliable is not installed" in text and "pip install 'single-file-offline-rl[report]'" in text
+    assert "rliable is not installed" in text and 'pip install -e ".[report]" in the repository' in text
     assert not (tmp_path / "r" / "aggregate.png").exists() and (tmp_path / "r" / "results.csv").exists()
 
 
