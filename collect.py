@@ -609,9 +609,11 @@ def validate(args: Args) -> None:
         (args.policy == "checkpoint" or not args.checkpoint, f"--checkpoint is not used by --policy {args.policy}"),
         (sac or args.checkpoint_every == Args.checkpoint_every, "--checkpoint-every is for --policy sac"),
         (not sac or args.teacher_steps > args.learning_starts >= 0, "learning_starts must be in [0, teacher_steps)"),
-        (not noisy or args.policy == "checkpoint" or (sac and args.sac_data != "replay"), "--action-noise and "
-         "--epsilon degrade a policy's rollouts; random or replay data has none"),
-    ]  # fmt: skip
+        (
+            not noisy or args.policy == "checkpoint" or (sac and args.sac_data != "replay"),
+            "--action-noise and --epsilon degrade a policy's rollouts; random or replay data has none",
+        ),
+    ]
     if errors := errors + [message for ok, message in checks if not ok]:
         raise UserError("invalid arguments: " + "; ".join(errors) + ".")
 

@@ -30,8 +30,22 @@ import numpy as np
 import tyro
 
 # Settings that do not change what a run learns: runs may differ in them without a warning
-BOOKKEEPING = {"env", "seed", "device", "config", "output", "run_name", "resume", "track", "capture_video", "compile",
-               "log_every", "checkpoint_every", "keep_checkpoints", "wandb_project"}  # fmt: skip
+BOOKKEEPING = {
+    "env",
+    "seed",
+    "device",
+    "config",
+    "output",
+    "run_name",
+    "resume",
+    "track",
+    "capture_video",
+    "compile",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "wandb_project",
+}
 PROTOCOL = (
     "Final = the last evaluation, best = the maximum over evaluations; mean ± std over seeds (population std, "
     "ddof=0), the number of seeds in parentheses. Normalized score = 100 · (return − random) / (expert − random) "
@@ -85,8 +99,10 @@ def load_runs(folders: list, warn) -> list:
             if isinstance(summary, dict) and {"algo", "minari_id", "seed", "eval_history"} <= summary.keys():
                 runs.append({**summary, "path": str(path.parent), "mtime": path.stat().st_mtime})
     if not runs:
-        raise UserError(f"no summary.json of an iql.py / cql.py run under {', '.join(folders)}: runs write it with "
-                        "every checkpoint, into <--output>/<run>/summary.json")  # fmt: skip
+        raise UserError(
+            f"no summary.json of an iql.py / cql.py run under {', '.join(folders)}: runs write it with "
+            "every checkpoint, into <--output>/<run>/summary.json"
+        )
     return runs
 
 
@@ -100,14 +116,19 @@ def select(runs: list, include_incomplete: bool, warn) -> list:
         same.sort(key=lambda r: (r["steps"], r["mtime"]), reverse=True)
         if len(same) > 1:
             paths = ", ".join(r["path"] for r in same)
-            warn(f"duplicate seed: {algo} on {dataset} seed {seed} is in {len(same)} runs ({paths}); kept "
-                 f"{same[0]['path']} (most steps, then newest)")  # fmt: skip
+            warn(
+                f"duplicate seed: {algo} on {dataset} seed {seed} is in {len(same)} runs ({paths}); kept "
+                f"{same[0]['path']} (most steps, then newest)"
+            )
         kept.append(same[0])
     incomplete = [r for r in kept if not r.get("completed", r["steps"] >= r.get("total_steps", 0))]
     if incomplete:
         listed = ", ".join(f"{Path(r['path']).name} ({r['steps']}/{r.get('total_steps')} steps)" for r in incomplete)
-        action = "included: their last evaluation stands in as final" if include_incomplete else \
-            "left out (--include-incomplete keeps them)"  # fmt: skip
+        action = (
+            "included: their last evaluation stands in as final"
+            if include_incomplete
+            else "left out (--include-incomplete keeps them)"
+        )
         warn(f"{len(incomplete)} incomplete runs, {action}: {listed}")
         kept = kept if include_incomplete else [r for r in kept if r not in incomplete]
     if unevaluated := [r for r in kept if r.get("final_return") is None]:
@@ -131,8 +152,11 @@ def make_groups(runs: list, warn) -> dict:
         for run in group.runs:
             for name, value in (run.get("args") or {}).items():
                 values[name][json.dumps(value)] += 1
-        differ = {n: c for n, c in values.items() if n not in BOOKKEEPING and (len(c) > 1 or sum(c.values()) <
-                  len(group.runs))}  # fmt: skip
+        differ = {
+            n: c
+            for n, c in values.items()
+            if n not in BOOKKEEPING and (len(c) > 1 or sum(c.values()) < len(group.runs))
+        }
         if differ:
             details = "; ".join(f"{n}: " + ", ".join(f"{v} in {k}" for v, k in c.items()) for n, c in differ.items())
             warn(f"{group.algo} on {group.dataset}: the runs differ in hyperparameters ({details})")
@@ -157,19 +181,40 @@ def table_rows(groups: dict, algos: list, names: dict, domains: dict) -> list:
         for dataset in datasets:
             for algo in [a for a in algos if (a, dataset) in groups]:
                 g = groups[algo, dataset]
-                rows.append({"kind": "dataset", "algo": algo, "dataset": names[dataset], "minari_id": dataset,
-                             "domain": domain, "unit": g.unit, "seeds": " ".join(str(r["seed"]) for r in g.runs),
-                             "n": len(g.runs), "final_mean": g.final.mean(), "final_std": g.final.std(),
-                             "best_mean": g.best.mean(), "best_std": g.best.std(),
-                             "steps": min(r["steps"] for r in g.runs),
-                             "wall_hours": np.mean([r.get("wall_seconds") or 0 for r in g.runs]) / 3600})  # fmt: skip
+                rows.append(
+                    {
+                        "kind": "dataset",
+                        "algo": algo,
+                        "dataset": names[dataset],
+                        "minari_id": dataset,
+                        "domain": domain,
+                        "unit": g.unit,
+                        "seeds": " ".join(str(r["seed"]) for r in g.runs),
+                        "n": len(g.runs),
+                        "final_mean": g.final.mean(),
+                        "final_std": g.final.std(),
+                        "best_mean": g.best.mean(),
+                        "best_std": g.best.std(),
+                        "steps": min(r["steps"] for r in g.runs),
+                        "wall_hours": np.mean([r.get("wall_seconds") or 0 for r in g.runs]) / 3600,
+                    }
+                )
         for algo in algos:
             scored = [groups[algo, d] for d in datasets if (algo, d) in groups and groups[algo, d].unit == "normalized"]
             if scored:
-                rows.append({"kind": "domain average", "algo": algo, "dataset": f"{domain} average", "minari_id": "",
-                             "domain": domain, "unit": "normalized", "n_datasets": f"{len(scored)} of {len(datasets)}",
-                             "final_mean": np.mean([g.final.mean() for g in scored]),
-                             "best_mean": np.mean([g.best.mean() for g in scored])})  # fmt: skip
+                rows.append(
+                    {
+                        "kind": "domain average",
+                        "algo": algo,
+                        "dataset": f"{domain} average",
+                        "minari_id": "",
+                        "domain": domain,
+                        "unit": "normalized",
+                        "n_datasets": f"{len(scored)} of {len(datasets)}",
+                        "final_mean": np.mean([g.final.mean() for g in scored]),
+                        "best_mean": np.mean([g.best.mean() for g in scored]),
+                    }
+                )
     return rows
 
 
@@ -244,8 +289,15 @@ def aggregates(groups: dict, algos: list, reps: int, warn):
     everything = np.concatenate([s.ravel() for s in scores.values()])
     taus = np.linspace(min(0.0, everything.min()), max(1.0, everything.max()) * 1.05, 81)
     profiles, profile_cis = rly.create_performance_profile(scores, taus, reps=min(reps, 2000))
-    return {"tasks": tasks, "k": k, "point": point, "ci": ci, "taus": taus, "profiles": profiles,
-            "profile_cis": profile_cis}  # fmt: skip
+    return {
+        "tasks": tasks,
+        "k": k,
+        "point": point,
+        "ci": ci,
+        "taus": taus,
+        "profiles": profiles,
+        "profile_cis": profile_cis,
+    }
 
 
 def plural(n: int, word: str) -> str:
@@ -301,8 +353,10 @@ def main(argv: list) -> None:
     except OSError as e:
         raise UserError(f"cannot write the report into {out}: {e}. Choose another folder with --out.") from None
 
-    md = [f"# Results\n\n{len(runs)} runs of {', '.join(algos)} on {plural(len(names), 'dataset')}, from "
-          f"{', '.join(args.runs)} ({time.strftime('%Y-%m-%d')}). {PROTOCOL}"]  # fmt: skip
+    md = [
+        f"# Results\n\n{len(runs)} runs of {', '.join(algos)} on {plural(len(names), 'dataset')}, from "
+        f"{', '.join(args.runs)} ({time.strftime('%Y-%m-%d')}). {PROTOCOL}"
+    ]
     for metric in ("final", "best"):
         md.append(f"## {metric.capitalize()} normalized score\n\n{markdown_table(rows, algos, metric)}")
 
@@ -332,21 +386,30 @@ def main(argv: list) -> None:
             lines.append(
                 f"| {a} | {iqm:.1f} | [{iqm_lo:.1f}, {iqm_hi:.1f}] | {gap:.1f} | [{gap_lo:.1f}, {gap_hi:.1f}] |"
             )
-        md.append(f"Final normalized scores of {plural(len(agg['tasks']), 'dataset')} x {agg['k']} seeds; "
-                  "interquartile mean (IQM) and optimality gap (mean shortfall below 100) with 95% stratified-"
-                  f"bootstrap confidence intervals ({args.reps} resamples; Agarwal et al., NeurIPS 2021).\n\n"
-                  + "\n".join(lines))  # fmt: skip
+        md.append(
+            f"Final normalized scores of {plural(len(agg['tasks']), 'dataset')} x {agg['k']} seeds; "
+            "interquartile mean (IQM) and optimality gap (mean shortfall below 100) with 95% stratified-"
+            f"bootstrap confidence intervals ({args.reps} resamples; Agarwal et al., NeurIPS 2021).\n\n"
+            + "\n".join(lines)
+        )
         if plt is not None:
             md.append(f"![aggregates]({plot_aggregates(agg, algos, out, plt).name})")
     if plt is not None:
         curves = plot_curves(groups, names, domains, out, plt)
-        md.append("## Learning curves\n\nMean over seeds at each evaluation, ±std band.\n\n" +
-                  "\n".join(f"![{p.stem}]({p.name})" for p in curves))  # fmt: skip
+        md.append(
+            "## Learning curves\n\nMean over seeds at each evaluation, ±std band.\n\n"
+            + "\n".join(f"![{p.stem}]({p.name})" for p in curves)
+        )
 
     versions = Counter(", ".join(f"{k} {v}" for k, v in sorted((r.get("versions") or {}).items())) for r in runs)
     commits = Counter(str(r.get("git_commit"))[:12] for r in runs)
-    md.append("## Provenance\n\n" + "\n".join([f"- {v or 'versions unknown'}: {n} runs" for v, n in versions.items()]
-              + [f"- git commit {c}: {n} runs" for c, n in commits.items()]))  # fmt: skip
+    md.append(
+        "## Provenance\n\n"
+        + "\n".join(
+            [f"- {v or 'versions unknown'}: {n} runs" for v, n in versions.items()]
+            + [f"- git commit {c}: {n} runs" for c, n in commits.items()]
+        )
+    )
     if warned:
         md.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in warned))
     (out / "report.md").write_text("\n\n".join(md) + "\n")

@@ -96,8 +96,10 @@ def parse_args(argv: list) -> tuple:
             raise UserError(f"cannot read the grid file {args.grid}: {e}") from None
         extra = grid.get("flags", {}) if isinstance(grid, dict) else None
         if not isinstance(extra, dict) or set(extra) - {"all", *ALGOS}:
-            raise UserError(f"the grid file {args.grid} must be a mapping of sweep.py's flags, its `flags:` a mapping "
-                            "of all/iql/cql to extra flags of the scripts (see configs/grids/)")  # fmt: skip
+            raise UserError(
+                f"the grid file {args.grid} must be a mapping of sweep.py's flags, its `flags:` a mapping "
+                "of all/iql/cql to extra flags of the scripts (see configs/grids/)"
+            )
         try:  # the file alone first, so that an error in it names it
             from_grid = tyro.cli(Args, args=as_flags({k: v for k, v in grid.items() if k != "flags"}))
         except SystemExit:
@@ -131,9 +133,14 @@ def check_datasets(args: Args, envs: set) -> None:
             except script.UserError as e:
                 raise UserError(f"{'in ' + args.grid + ': ' if args.grid else ''}{e}") from None
             if not args.address and not (store / dataset_id).is_dir():
-                how = (f"download it once before the sweep, so that parallel runs do not each fetch it: `minari "
-                       f"download {dataset_id}`") if dataset_id.startswith(("D4RL/", "mujoco/")) else \
-                    "record it with collect.py (README, \"Offline quickstart\")"  # fmt: skip
+                how = (
+                    (
+                        f"download it once before the sweep, so that parallel runs do not each fetch it: `minari "
+                        f"download {dataset_id}`"
+                    )
+                    if dataset_id.startswith(("D4RL/", "mujoco/"))
+                    else 'record it with collect.py (README, "Offline quickstart")'
+                )
                 message = f"dataset {env} ({dataset_id}) is not in the local Minari store {store}: {how}"
                 if not args.dry_run:
                     raise UserError(message)
@@ -215,8 +222,9 @@ def run_task(run: Run) -> dict:
     with open(run_dir / "log.txt", "a") as log:
         log.write(f"\n[sweep] {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **run.env}, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=child_setup)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, **run.env}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_setup
+        )
         (run_dir / MARKER).write_text(f"{socket.gethostname()} {proc.pid}")
         try:
             while (code := proc.poll()) is None:  # short sleeps, not a blocking wait: Ray's cancel must get through
@@ -266,8 +274,10 @@ def start_ray(args: Args):
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     biggest = {k: max(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
     if args.threads > biggest["CPU"] or args.gpus_per_run > biggest["GPU"]:
-        message = (f"each run asks for {args.threads} CPUs and {args.gpus_per_run} GPUs, but the largest node has "
-                   f"{biggest['CPU']:g} CPUs and {biggest['GPU']:g} GPUs: Ray would wait forever")  # fmt: skip
+        message = (
+            f"each run asks for {args.threads} CPUs and {args.gpus_per_run} GPUs, but the largest node has "
+            f"{biggest['CPU']:g} CPUs and {biggest['GPU']:g} GPUs: Ray would wait forever"
+        )
         if not args.address:
             ray.shutdown()
             raise UserError(message)
@@ -298,8 +308,10 @@ def main(argv: list) -> int:
     todo = [run for run in runs if states[run.name] != "completed"]
     check_datasets(args, {run.start[2] for run in todo})
     counts = {s: list(states.values()).count(s) for s in ("completed", "resume", "start")}
-    print(f"{len(runs)} runs in {args.output}: {counts['completed']} completed (skipped), {counts['resume']} to "
-          f"resume from their checkpoints, {counts['start']} to start")  # fmt: skip
+    print(
+        f"{len(runs)} runs in {args.output}: {counts['completed']} completed (skipped), {counts['resume']} to "
+        f"resume from their checkpoints, {counts['start']} to start"
+    )
     if args.dry_run:
         for run in runs:
             cmd = run.resume if states[run.name] == "resume" else run.start
@@ -310,8 +322,12 @@ def main(argv: list) -> int:
         return 0
 
     ray = start_ray(args)
-    options = {"num_cpus": args.threads, "num_gpus": args.gpus_per_run, "max_retries": args.max_retries,
-               "retry_exceptions": True}  # fmt: skip
+    options = {
+        "num_cpus": args.threads,
+        "num_gpus": args.gpus_per_run,
+        "max_retries": args.max_retries,
+        "retry_exceptions": True,
+    }
     task = ray.remote(run_task)
     pending = {task.options(name=run.name, **options).remote(run): run for run in todo}
     failed, status = [], None
@@ -355,8 +371,10 @@ def main(argv: list) -> int:
     for result in failed:
         print(f"\n---- {result['name']} failed (exit code {result['code']}); the end of its log:\n{result['tail']}")
     if failed:
-        print(f"\n{len(failed)} of {len(runs)} runs failed: {', '.join(r['name'] for r in failed)}. Launching the same "
-              "command again retries them (completed runs are skipped).")  # fmt: skip
+        print(
+            f"\n{len(failed)} of {len(runs)} runs failed: {', '.join(r['name'] for r in failed)}. Launching the same "
+            "command again retries them (completed runs are skipped)."
+        )
     return 1 if failed else 0
 
 

@@ -162,9 +162,26 @@ def run(args: Args, variant: str, seed: int) -> dict:
     name = f"{args.env.replace('/', '-')}__{seed}"
     summary = out / name / "summary.json"
     if not (summary.exists() and json.loads(summary.read_text())["completed"]):
-        argv = ["--env", args.env, "--seed", seed, "--total-steps", args.total_steps, "--eval-every", args.eval_every,
-                "--eval-episodes", args.eval_episodes, "--output", out, "--run-name", name, "--checkpoint-every",
-                args.eval_every, *FLAGS[variant], *args.extra.split()]  # fmt: skip
+        argv = [
+            "--env",
+            args.env,
+            "--seed",
+            seed,
+            "--total-steps",
+            args.total_steps,
+            "--eval-every",
+            args.eval_every,
+            "--eval-episodes",
+            args.eval_episodes,
+            "--output",
+            out,
+            "--run-name",
+            name,
+            "--checkpoint-every",
+            args.eval_every,
+            *FLAGS[variant],
+            *args.extra.split(),
+        ]
         if (out / name / "checkpoints" / "last.pt").exists():  # interrupted before: go on from its checkpoint
             argv = ["--resume", out / name]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -178,11 +195,15 @@ def run(args: Args, variant: str, seed: int) -> dict:
 
 
 def table(args: Args, results: dict) -> None:
-    print(f"\n{args.env}, {args.total_steps} steps, {args.eval_episodes} evaluation episodes every {args.eval_every}, "
-          f"seeds {list(args.seeds)}; mean return per evaluation (collapse: below {args.collapse:.0%} of the run's "
-          "best)\n")  # fmt: skip
-    print("| variant | final return, mean ± sd | per seed | normalized | mean return per evaluation | worst evaluation "
-          "(mean length) | runs that collapsed | SPS |")  # fmt: skip
+    print(
+        f"\n{args.env}, {args.total_steps} steps, {args.eval_episodes} evaluation episodes every {args.eval_every}, "
+        f"seeds {list(args.seeds)}; mean return per evaluation (collapse: below {args.collapse:.0%} of the run's "
+        "best)\n"
+    )
+    print(
+        "| variant | final return, mean ± sd | per seed | normalized | mean return per evaluation | worst evaluation "
+        "(mean length) | runs that collapsed | SPS |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for variant, runs in results.items():
         finals = [r["final_return"] for r in runs]
@@ -192,9 +213,11 @@ def table(args: Args, results: dict) -> None:
         sd, score = statistics.stdev(finals) if len(finals) > 1 else 0.0, statistics.mean(scores or [math.nan])
         per_step = zip(*([h["return"] for h in r["eval_history"]] for r in runs), strict=True)
         curve = " / ".join(f"{statistics.mean(x):.0f}" for x in per_step)
-        print(f"| {variant} | {statistics.mean(finals):.0f} ± {sd:.0f} | {' / '.join(f'{f:.0f}' for f in finals)} | "
-              f"{score:.1f} | {curve} | {worst['return']:.0f} ({worst['length']:.0f}) "
-              f"| {collapsed} of {len(runs)} | {statistics.median(r['sps'] for r in runs):.0f} |")  # fmt: skip
+        print(
+            f"| {variant} | {statistics.mean(finals):.0f} ± {sd:.0f} | {' / '.join(f'{f:.0f}' for f in finals)} | "
+            f"{score:.1f} | {curve} | {worst['return']:.0f} ({worst['length']:.0f}) "
+            f"| {collapsed} of {len(runs)} | {statistics.median(r['sps'] for r in runs):.0f} |"
+        )
 
 
 def main(args: Args) -> None:

@@ -54,10 +54,17 @@ def build(dataset_id: str, transitions: int) -> None:
     env, rng = gym.make("Humanoid-v5"), np.random.default_rng(0)
     episodes = []
     for i in range(transitions // EPISODE):
-        episodes.append(EpisodeBuffer(
-            id=i, observations=rng.standard_normal((EPISODE + 1, OBS_DIM)),
-            actions=rng.uniform(-0.4, 0.4, (EPISODE, ACT_DIM)).astype(np.float32), rewards=rng.standard_normal(EPISODE),
-            terminations=np.zeros(EPISODE, bool), truncations=np.arange(EPISODE) == EPISODE - 1, infos={}))  # fmt: skip
+        episodes.append(
+            EpisodeBuffer(
+                id=i,
+                observations=rng.standard_normal((EPISODE + 1, OBS_DIM)),
+                actions=rng.uniform(-0.4, 0.4, (EPISODE, ACT_DIM)).astype(np.float32),
+                rewards=rng.standard_normal(EPISODE),
+                terminations=np.zeros(EPISODE, bool),
+                truncations=np.arange(EPISODE) == EPISODE - 1,
+                infos={},
+            )
+        )
         if len(episodes) == 50 or i == transitions // EPISODE - 1:
             if dataset_id in minari.list_local_datasets():
                 minari.load_dataset(dataset_id).update_dataset_from_buffer(episodes)
@@ -115,9 +122,24 @@ def read_and_load_seconds(dataset_id: str) -> dict:
 def run_script(algo: str, dataset_id: str, args: Args, out: Path) -> dict:
     """One training run; returns seconds to the first step, peak RSS (bytes) and the script's steps/s."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--env", dataset_id, "--total-steps", str(args.steps),
-           "--log-every", str(args.steps // 4), "--eval-episodes", "0", "--device", "cpu", "--output", str(out),
-           "--run-name", algo]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / f"{algo}.py"),
+        "--env",
+        dataset_id,
+        "--total-steps",
+        str(args.steps),
+        "--log-every",
+        str(args.steps // 4),
+        "--eval-episodes",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--run-name",
+        algo,
+    ]
     start, first_step = time.perf_counter(), None
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
@@ -151,8 +173,11 @@ def main(args: Args) -> None:
     print("\n| " + " | ".join(header) + " |")
     print("|---" * (4 + len(args.algos)) + "|")
     for n, t, runs in rows:
-        cells = [f"{r['first_step_s']:.1f} s, {r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / t['bytes']:.2f}x), "
-                 f"{r['sps']:.0f}" for r in runs.values()]  # fmt: skip
+        cells = [
+            f"{r['first_step_s']:.1f} s, {r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / t['bytes']:.2f}x), "
+            f"{r['sps']:.0f}"
+            for r in runs.values()
+        ]
         raw, load = f"{t['raw']:.1f} s", f"{t['load']:.1f} s ({t['load'] / t['raw']:.2f}x)"
         if "raw_cold" in t:
             raw, load = (

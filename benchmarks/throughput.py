@@ -308,8 +308,13 @@ def main(args: Args):
 
         buffer, _ = iql.load_buffer(iql.load_dataset(iql.resolve_dataset_name(env)[0]), iql.Args(), device)
         steps = buffer.steps  # the baseline gets the textbook layout: separate obs and next_obs copies
-        data = {"obs": buffer.obs[buffer.rows[0]], "actions": steps[:, :-2], "rewards": steps[:, -2],
-                "next_obs": buffer.obs[buffer.rows[1]], "dones": steps[:, -1]}  # fmt: skip
+        data = {
+            "obs": buffer.obs[buffer.rows[0]],
+            "actions": steps[:, :-2],
+            "rewards": steps[:, -2],
+            "next_obs": buffer.obs[buffer.rows[1]],
+            "dones": steps[:, -1],
+        }
         print(
             f"dataset {env}: {len(steps)} transitions, obs {buffer.obs.shape[1]}, "
             f"actions {steps.shape[1] - 2}; device {args.device}, {args.threads} threads, batch 256"
@@ -333,8 +338,10 @@ def main(args: Args):
                 f"{matmul:.0%} of the time in matmuls",
                 flush=True,
             )
-        print("\n| algo | ours (steps/s) | baseline (steps/s) | ratio | eval s/episode | kernels/step | copies/step "
-              "| matmul share |")  # fmt: skip
+        print(
+            "\n| algo | ours (steps/s) | baseline (steps/s) | ratio | eval s/episode | kernels/step | copies/step "
+            "| matmul share |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for algo, ours, base, ratio, ev, ops, copies, matmul in rows:
             cells = [f"{ours:.1f}", f"{base:.1f}", f"{ratio:.2f}x", f"{ev:.3f}", f"{ops:.0f}", f"{copies:.0f}"]

@@ -113,9 +113,19 @@ def test_default_dataset_id_is_local_env_policy(minari_root):
 
 def test_ref_max_score_flag_gives_random_data_normalized_scores(minari_root):
     dataset = record(
-        "--env", "Pendulum-v1", "--episodes", 2, "--max-episode-steps", 30, "--ref-episodes", 3,
-        "--ref-max-score", -10.0, "--dataset-id", "collect/pendulum/random-ref-v0",
-    )  # fmt: skip
+        "--env",
+        "Pendulum-v1",
+        "--episodes",
+        2,
+        "--max-episode-steps",
+        30,
+        "--ref-episodes",
+        3,
+        "--ref-max-score",
+        -10.0,
+        "--dataset-id",
+        "collect/pendulum/random-ref-v0",
+    )
     meta = dataset.storage.metadata
     # the random reference is a mean return over 30 steps, each rewarded in [-16.3, 0] (Pendulum's cost bound)
     assert meta["ref_max_score"] == -10.0 and -16.3 * 30 < meta["ref_min_score"] < -10.0
@@ -125,9 +135,17 @@ def test_ref_max_score_flag_gives_random_data_normalized_scores(minari_root):
 def test_terminations_and_time_limit_truncations_are_stored_apart(minari_root):
     """InvertedPendulum terminates when the pole falls; a time limit of 6 steps truncates the others."""
     dataset = record(
-        "--env", "InvertedPendulum-v5", "--episodes", 12, "--max-episode-steps", 6, "--ref-episodes", 2,
-        "--dataset-id", "collect/invertedpendulum/random-v0",
-    )  # fmt: skip
+        "--env",
+        "InvertedPendulum-v5",
+        "--episodes",
+        12,
+        "--max-episode-steps",
+        6,
+        "--ref-episodes",
+        2,
+        "--dataset-id",
+        "collect/invertedpendulum/random-v0",
+    )
     assert_flags_end_each_episode(dataset)
     eps = episodes(dataset)
     terminated = [ep for ep in eps if ep.terminations[-1]]
@@ -139,9 +157,17 @@ def test_terminations_and_time_limit_truncations_are_stored_apart(minari_root):
 
 def test_dict_observations_are_stored_per_key_with_t_plus_one_entries(minari_root):
     dataset = record(
-        "--env", "PointMaze_UMaze-v3", "--episodes", 2, "--max-episode-steps", 20, "--ref-episodes", 1,
-        "--dataset-id", "collect/pointmaze/random-v0",
-    )  # fmt: skip
+        "--env",
+        "PointMaze_UMaze-v3",
+        "--episodes",
+        2,
+        "--max-episode-steps",
+        20,
+        "--ref-episodes",
+        1,
+        "--dataset-id",
+        "collect/pointmaze/random-v0",
+    )
     for ep in episodes(dataset):
         assert set(ep.observations) == {"achieved_goal", "desired_goal", "observation"}
         assert ep.observations["observation"].shape == (21, 4) and ep.actions.shape == (20, 2)
@@ -151,10 +177,24 @@ def test_dict_observations_are_stored_per_key_with_t_plus_one_entries(minari_roo
 def test_sac_replay_data_is_every_complete_training_episode(minari_root, tmp_path):
     """250 steps with 60-step episodes: 4 complete episodes; the 10 steps of the cut fifth are dropped."""
     dataset = record(
-        *TINY_SAC, "--sac-data", "replay", "--teacher-steps", 250, "--learning-starts", 100,
-        "--max-episode-steps", 60, "--ref-episodes", 2, "--ref-max-score", -1.0,
-        "--dataset-id", "collect/pendulum/replay-v0", "--output", tmp_path,
-    )  # fmt: skip
+        *TINY_SAC,
+        "--sac-data",
+        "replay",
+        "--teacher-steps",
+        250,
+        "--learning-starts",
+        100,
+        "--max-episode-steps",
+        60,
+        "--ref-episodes",
+        2,
+        "--ref-max-score",
+        -1.0,
+        "--dataset-id",
+        "collect/pendulum/replay-v0",
+        "--output",
+        tmp_path,
+    )
     assert dataset.total_episodes == 4 and dataset.total_steps == 240
     assert_flags_end_each_episode(dataset)
     assert all(ep.observations.shape == (61, 3) for ep in episodes(dataset))
@@ -166,10 +206,28 @@ def test_sac_replay_data_is_every_complete_training_episode(minari_root, tmp_pat
 def test_same_seed_gives_the_same_dataset_and_another_seed_does_not(minari_root, tmp_path):
     def sac_both(seed, name):
         return record(
-            *TINY_SAC, "--sac-data", "both", "--teacher-steps", 120, "--learning-starts", 40, "--batch-size", 16,
-            "--max-episode-steps", 30, "--episodes", 2, "--ref-episodes", 1, "--seed", seed,
-            "--dataset-id", f"collect/pendulum/{name}-v0", "--output", tmp_path / name,
-        )  # fmt: skip
+            *TINY_SAC,
+            "--sac-data",
+            "both",
+            "--teacher-steps",
+            120,
+            "--learning-starts",
+            40,
+            "--batch-size",
+            16,
+            "--max-episode-steps",
+            30,
+            "--episodes",
+            2,
+            "--ref-episodes",
+            1,
+            "--seed",
+            seed,
+            "--dataset-id",
+            f"collect/pendulum/{name}-v0",
+            "--output",
+            tmp_path / name,
+        )
 
     a, b, c = (sac_both(seed, name) for seed, name in ((3, "seed-a"), (3, "seed-b"), (4, "seed-c")))
     assert a.total_episodes == 6  # 4 training episodes + 2 rollouts of the final teacher
@@ -291,9 +349,21 @@ def test_checkpoint_with_unknown_actor_layout_is_refused():
 
 def test_noisy_rollouts_of_the_teacher_checkpoint_with_the_env_taken_from_the_checkpoint(minari_root, quickstart):
     dataset = record(
-        "--policy", "checkpoint", "--checkpoint", quickstart["teacher_run"], "--episodes", 3, "--ref-episodes", 4,
-        "--action-noise", 0.5, "--epsilon", 0.2, "--dataset-id", "collect/pendulum/noisy-teacher-v0",
-    )  # fmt: skip
+        "--policy",
+        "checkpoint",
+        "--checkpoint",
+        quickstart["teacher_run"],
+        "--episodes",
+        3,
+        "--ref-episodes",
+        4,
+        "--action-noise",
+        0.5,
+        "--epsilon",
+        0.2,
+        "--dataset-id",
+        "collect/pendulum/noisy-teacher-v0",
+    )
     assert dataset.total_episodes == 3 and dataset.total_steps == 600
     meta = dataset.storage.metadata
     # the same reference seeds, and teacher.pt acts as the in-memory teacher did: the same reference return
@@ -305,9 +375,19 @@ def test_noisy_rollouts_of_the_teacher_checkpoint_with_the_env_taken_from_the_ch
 def test_iql_run_folder_is_a_checkpoint_policy(minari_root, quickstart, run):
     """The quickstart's IQL student, recorded in turn: --env comes from its dataset's evaluation env."""
     result = run(
-        "collect.py", "--policy", "checkpoint", "--checkpoint", quickstart["iql_run"], "--episodes", 2,
-        "--ref-episodes", 2, "--dataset-id", "collect/pendulum/student-v0", env=ONE_THREAD,
-    )  # fmt: skip
+        "collect.py",
+        "--policy",
+        "checkpoint",
+        "--checkpoint",
+        quickstart["iql_run"],
+        "--episodes",
+        2,
+        "--ref-episodes",
+        2,
+        "--dataset-id",
+        "collect/pendulum/student-v0",
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr
     dataset = minari.load_dataset("collect/pendulum/student-v0")
     assert dataset.total_episodes == 2 and "iql checkpoint" in dataset.storage.metadata["algorithm_name"]
@@ -444,9 +524,22 @@ def test_sigint_mid_training_checkpoints_and_resume_makes_the_uninterrupted_data
     """SIGINT after the first periodic teacher checkpoint: exit 130 with a resume hint; --resume finishes the
     training and records a dataset identical to an uninterrupted run's (Pendulum's state is saved exactly)."""
     argv = [
-        *TINY_SAC, "--sac-data", "both", "--teacher-steps", 600, "--learning-starts", 100,
-        "--max-episode-steps", 50, "--episodes", 2, "--ref-episodes", 1, "--checkpoint-every", 100,
-    ]  # fmt: skip
+        *TINY_SAC,
+        "--sac-data",
+        "both",
+        "--teacher-steps",
+        600,
+        "--learning-starts",
+        100,
+        "--max-episode-steps",
+        50,
+        "--episodes",
+        2,
+        "--ref-episodes",
+        1,
+        "--checkpoint-every",
+        100,
+    ]
     proc = start_collect(*argv, "--dataset-id", "collect/pendulum/resumed-v0", "--output", tmp_path / "resumed")
     deadline = time.time() + 120
     while not list((tmp_path / "resumed").glob("*/teacher_training.pt")):

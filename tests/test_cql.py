@@ -51,8 +51,9 @@ def test_penalty_matches_bruteforce_logsumexp(temp, clip):
     for i in range(2):
         per_state = []
         for s in range(B):
-            x = np.array([(q_one(critic, i, obs[s], proposals[j, s]) - float(log_density[j, s])) / temp
-                          for j in range(3 * n)])  # fmt: skip
+            x = np.array(
+                [(q_one(critic, i, obs[s], proposals[j, s]) - float(log_density[j, s])) / temp for j in range(3 * n)]
+            )
             lse = x.max() + math.log(np.exp(x - x.max()).sum())
             per_state.append(np.clip(temp * lse - q_one(critic, i, obs[s], data_actions[s]), *clip))
         assert gap[i].item() == pytest.approx(np.mean(per_state), rel=1e-5, abs=1e-6)
@@ -167,8 +168,10 @@ def test_max_backup_equals_bruteforce_max_over_sampled_actions_of_min_over_criti
     with torch.no_grad():
         value, chosen_log_pi = cql.max_target_backup(critic(next_obs, actions), log_pi)
     for s in range(B):
-        mins = [min(q_one(critic, 0, next_obs[s], actions[j, s]), q_one(critic, 1, next_obs[s], actions[j, s]))
-                for j in range(n)]  # fmt: skip
+        mins = [
+            min(q_one(critic, 0, next_obs[s], actions[j, s]), q_one(critic, 1, next_obs[s], actions[j, s]))
+            for j in range(n)
+        ]
         assert value[s].item() == pytest.approx(max(mins), rel=1e-5)
         assert chosen_log_pi[s].item() == log_pi[int(np.argmax(mins)), s].item()
     with torch.no_grad():  # one sampled action: SAC's min-of-two backup
@@ -311,9 +314,14 @@ def test_one_backward_gives_the_gradients_of_separate_temperature_multiplier_act
     """All options on (Lagrange, max-target backup, soft backup): each learner's gradient from the single backward
     pass equals the gradient of its own loss alone, as CORL computes it, to float32 precision."""
     metrics, expected, grads, nets = run_both(
-        bc_phase, cql_lagrange=True, cql_target_action_gap=0.5, cql_max_target_backup=True, backup_entropy=True,
-        alpha=0.7, cql_clip_diff_min=-5.0,
-    )  # fmt: skip
+        bc_phase,
+        cql_lagrange=True,
+        cql_target_action_gap=0.5,
+        cql_max_target_backup=True,
+        backup_entropy=True,
+        alpha=0.7,
+        cql_clip_diff_min=-5.0,
+    )
     for name in ("actor", "critic"):
         for (key, p), g in zip(nets[name].named_parameters(), grads[name], strict=True):
             torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
@@ -333,8 +341,9 @@ def test_update_steps_each_learner_with_adam_and_polyak_averages_the_target():
         lr = args.actor_lr if name in ("actor", "log_alpha") else args.critic_lr
         for p0, p in zip(before[name].parameters(), nets[name].parameters(), strict=True):
             torch.testing.assert_close(p, p0 - lr * p.grad / (p.grad.abs() + 1e-8), rtol=0, atol=1e-8)
-    for t, c0, c1 in zip(nets["target_critic"].parameters(), before["critic"].parameters(),
-                         nets["critic"].parameters(), strict=True):  # fmt: skip
+    for t, c0, c1 in zip(
+        nets["target_critic"].parameters(), before["critic"].parameters(), nets["critic"].parameters(), strict=True
+    ):
         torch.testing.assert_close(t, 0.5 * c0 + 0.5 * c1)  # the target started equal to the critic
 
 

@@ -32,8 +32,11 @@ PAGE_SCRIPT = {
     "sweeps.md": "sweep.py",
 }
 SHARED = "every algorithm script"
-SCRIPT = re.compile(r"(?<![\w/.-])((?:benchmarks/|tools/)?(?:" + "|".join(
-    re.escape(Path(s).stem) for s in ALGORITHMS + TOOLS) + r")\.py)\b")  # fmt: skip
+SCRIPT = re.compile(
+    r"(?<![\w/.-])((?:benchmarks/|tools/)?(?:"
+    + "|".join(re.escape(Path(s).stem) for s in ALGORITHMS + TOOLS)
+    + r")\.py)\b"
+)
 FLAG = re.compile(r"(?<![\w-])--(\[no-\])?([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -174,7 +177,7 @@ def help_flags() -> dict:
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         for s in scripts
     }
     flags = {}
@@ -203,20 +206,39 @@ def test_every_documented_flag_is_a_flag_of_its_script(help_flags):
 def test_the_parser_attributes_flags_to_their_scripts():
     """The rules above, on a made-up page."""
     page = ROOT / "docs" / "cql.md"
-    text = "\n".join([
-        "Run `--cql-alpha 5` here, `python sweep.py --threads 2 -- --eval-every 10` there, `pip install -e .[test]`.",
-        "```bash", "python report.py runs --out r  # or --reps 10", "OMP_NUM_THREADS=1 python iql.py \\",
-        "    --beta 3", "ray start --head --port 6379", "```",
-        "```yaml", "flags:", "  all: --eval-every 5", "  iql: --hidden-dim 32", "```",
-        "## Reports: `report.py`", "`--include-incomplete` and `--[no-]x-y`",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "Run `--cql-alpha 5` here, `python sweep.py --threads 2 -- --eval-every 10` there,",
+            "`pip install -e .[test]`.",
+            "```bash",
+            "python report.py runs --out r  # or --reps 10",
+            "OMP_NUM_THREADS=1 python iql.py \\",
+            "    --beta 3",
+            "ray start --head --port 6379",
+            "```",
+            "```yaml",
+            "flags:",
+            "  all: --eval-every 5",
+            "  iql: --hidden-dim 32",
+            "```",
+            "## Reports: `report.py`",
+            "`--include-incomplete` and `--[no-]x-y`",
+        ]
+    )
     found = [(owner, flag) for owner, flag, _ in documented_flags(page, text)]
     assert found == [
-        ("cql.py", "--cql-alpha"), ("sweep.py", "--threads"), (SHARED, "--eval-every"),
-        ("report.py", "--reps"), ("report.py", "--out"), ("iql.py", "--beta"),
-        (SHARED, "--eval-every"), ("iql.py", "--hidden-dim"),
-        ("report.py", "--include-incomplete"), ("report.py", "--x-y"), ("report.py", "--no-x-y"),
-    ]  # fmt: skip
+        ("cql.py", "--cql-alpha"),
+        ("sweep.py", "--threads"),
+        (SHARED, "--eval-every"),
+        ("report.py", "--reps"),
+        ("report.py", "--out"),
+        ("iql.py", "--beta"),
+        (SHARED, "--eval-every"),
+        ("iql.py", "--hidden-dim"),
+        ("report.py", "--include-incomplete"),
+        ("report.py", "--x-y"),
+        ("report.py", "--no-x-y"),
+    ]
 
 
 def slug(heading: str) -> str:
@@ -260,8 +282,11 @@ def test_the_readme_fits_on_a_page_and_holds_the_tested_offline_quickstart():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 220
     tree = ast.parse((ROOT / "tests" / "test_collect.py").read_text())
-    (quickstart,) = [node.value for node in tree.body if isinstance(node, ast.Assign) and
-                     any(getattr(t, "id", None) == "QUICKSTART" for t in node.targets)]  # fmt: skip
+    (quickstart,) = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "QUICKSTART" for t in node.targets)
+    ]
     for command in ast.literal_eval(quickstart):
         assert f"\n{command}\n" in readme, f"the README's offline quickstart lacks, verbatim: {command}"
 

@@ -26,20 +26,41 @@ STEPS = [100, 200, 300]
 def write_run(folder, algo, dataset, seed, scores, steps=STEPS, total=300, **args):
     """A summary.json as iql.py / cql.py write it; scores: the normalized score (or return) at each evaluation."""
     env, domain, normalized = DATASETS[dataset]
-    history = [{"step": s, "return": v * 10 - 500, "return_std": 1.0, "length": 200.0, "seconds": 0.1,
-                "normalized_score": v if normalized else None} for s, v in zip(steps, scores, strict=True)]  # fmt: skip
+    history = [
+        {
+            "step": s,
+            "return": v * 10 - 500,
+            "return_std": 1.0,
+            "length": 200.0,
+            "seconds": 0.1,
+            "normalized_score": v if normalized else None,
+        }
+        for s, v in zip(steps, scores, strict=True)
+    ]
     key = "normalized_score" if normalized else "return"
     summary = {
-        "algo": algo, "env": env, "minari_id": dataset, "domain": domain, "seed": seed, "steps": steps[-1],
-        "total_steps": total, "completed": steps[-1] == total, "eval_episodes": 10, "wall_seconds": 60.0, "sps": 5.0,
+        "algo": algo,
+        "env": env,
+        "minari_id": dataset,
+        "domain": domain,
+        "seed": seed,
+        "steps": steps[-1],
+        "total_steps": total,
+        "completed": steps[-1] == total,
+        "eval_episodes": 10,
+        "wall_seconds": 60.0,
+        "sps": 5.0,
         "final_normalized_score": history[-1]["normalized_score"],
         "best_normalized_score": max(scores) if normalized else None,
-        "final_return": history[-1]["return"], "best_return": max(h["return"] for h in history),
-        "ref_min_score": -500.0 if normalized else None, "ref_max_score": 500.0 if normalized else None,
-        "versions": {"torch": "2.x", "minari": "0.5.4"}, "git_commit": "abc123",
+        "final_return": history[-1]["return"],
+        "best_return": max(h["return"] for h in history),
+        "ref_min_score": -500.0 if normalized else None,
+        "ref_max_score": 500.0 if normalized else None,
+        "versions": {"torch": "2.x", "minari": "0.5.4"},
+        "git_commit": "abc123",
         "args": {"env": env, "seed": seed, "total_steps": total, "beta": 0.5, "run_name": f"{seed}", **args},
         "eval_history": history,
-    }  # fmt: skip
+    }
     assert [h[key] for h in history] == list(scores if normalized else [v * 10 - 500 for v in scores])
     run_dir = folder / f"{dataset.replace('/', '-')}__{algo}__{seed}"
     run_dir.mkdir(parents=True)
@@ -103,8 +124,10 @@ def test_markdown_table_cells_are_the_rounded_numbers_and_domain_averages_the_me
     final_table = text.split("## Final normalized score")[1].split("##")[0]
     best_table = text.split("## Best normalized score")[1].split("##")[0]
     for table, metric in ((final_table, "final"), (best_table, "best")):
-        lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in
-                 table.strip().splitlines()[2:]}  # fmt: skip
+        lines = {
+            line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.strip().splitlines()[2:]
+        }
         for (algo, dataset), summaries in complete.items():
             env, _, normalized = DATASETS[dataset]
             mean, std = stats(summaries, normalized, metric)

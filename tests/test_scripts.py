@@ -196,8 +196,9 @@ def test_the_seed_sets_the_initial_networks_and_the_batches(algo, pendulum):
 def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, sig, reference_runs, pendulum, tmp_path):
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *resumable(algo), "--output", str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob("*/checkpoints/step_*.pt")) and time.time() < deadline:
         time.sleep(0.05)

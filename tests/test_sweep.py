@@ -32,8 +32,15 @@ FLAGS = {
 
 def launch(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "sweep.py", *map(str, args)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "sweep.py", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, proc, timeout=300.0):
@@ -140,8 +147,10 @@ def test_relaunch_resumes_interrupted_runs_retries_a_killed_one_and_completes_th
 def test_a_third_launch_skips_every_completed_run_without_starting_ray(grid):
     third = grid["launches"][2]
     assert third["code"] == 0, third["out"]
-    assert "4 runs in" in third["out"] and "4 completed (skipped), 0 to resume from their checkpoints, 0 to start" in \
-        third["out"]  # fmt: skip
+    assert (
+        "4 runs in" in third["out"]
+        and "4 completed (skipped), 0 to resume from their checkpoints, 0 to start" in third["out"]
+    )
     assert "done" not in third["out"] and third["seconds"] < 20
 
 
@@ -149,8 +158,20 @@ def test_the_interrupted_and_resumed_run_equals_an_uninterrupted_one(grid, tmp_p
     name = next(n for n, step in grid["launches"][0]["steps"].items() if step is not None and "__iql__" in n)
     seed = name.rsplit("__", 1)[1]
     flags = f"{FLAGS['all']} {FLAGS['iql']}".split()
-    result = run_script("iql.py", "--env", grid["dataset"], "--seed", seed, "--total-steps", TOTAL, *flags,
-                        "--output", tmp_path, "--run-name", name)  # fmt: skip
+    result = run_script(
+        "iql.py",
+        "--env",
+        grid["dataset"],
+        "--seed",
+        seed,
+        "--total-steps",
+        TOTAL,
+        *flags,
+        "--output",
+        tmp_path,
+        "--run-name",
+        name,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     swept, reference = (
         torch.load(d / name / "checkpoints" / "last.pt", weights_only=True) for d in (grid["out"], tmp_path)
