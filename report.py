@@ -79,6 +79,8 @@ class Group:
     unit: str = "normalized"  # or "return": the dataset has no reference scores
     final: np.ndarray = None
     best: np.ndarray = None
+    offline: np.ndarray = None  # fine-tuning runs: the score at the end of the offline phase
+    regret: np.ndarray = None  # fine-tuning runs in envs that report success: 1 - the online success rate
 
 
 # -------- Reading the runs --------------------------------------------------------------------------------------------
@@ -148,6 +150,11 @@ def make_groups(runs: list, warn) -> dict:
         key = ("final_normalized_score", "best_normalized_score") if normalized else ("final_return", "best_return")
         group.final = np.array([r[key[0]] for r in group.runs], dtype=float)
         group.best = np.array([r[key[1]] for r in group.runs], dtype=float)
+        offline = [r.get("offline_normalized_score" if normalized else "offline_return") for r in group.runs]
+        if all(r.get("online_steps") for r in group.runs) and None not in offline:
+            group.offline = np.array(offline, dtype=float)
+            regret = [(r.get("online") or {}).get("regret") for r in group.runs]
+            group.regret = None if None in regret else np.array(regret, dtype=float)
         values = defaultdict(Counter)
         for run in group.runs:
             for name, value in (run.get("args") or {}).items():
@@ -195,6 +202,9 @@ def table_rows(groups: dict, algos: list, names: dict, domains: dict) -> list:
                         "final_std": g.final.std(),
                         "best_mean": g.best.mean(),
                         "best_std": g.best.std(),
+                        "offline_mean": None if g.offline is None else g.offline.mean(),
+                        "offline_std": None if g.offline is None else g.offline.std(),
+                        "regret_mean": None if g.regret is None else g.regret.mean(),
                         "steps": min(r["steps"] for r in g.runs),
                         "wall_hours": np.mean([r.get("wall_seconds") or 0 for r in g.runs]) / 3600,
                     }
@@ -231,6 +241,24 @@ def markdown_table(rows: list, algos: list, metric: str) -> str:
             have, of = row["n_datasets"].split(" of ")
             partial = "" if have == of else f" ({row['n_datasets']} datasets)"
             cells[f"**{row['dataset']}**"][row["algo"]] = f"**{row[metric + '_mean']:.1f}**{partial}"
+    for dataset, by_algo in cells.items():
+        lines.append(f"| {dataset} | {' | '.join(by_algo.get(a, '–') for a in algos)} |")
+    return "\n".join(lines)
+
+
+def finetuning_table(rows: list, algos: list) -> str | None:
+    """Fine-tuning runs as CORL tables them: 'offline -> final' (mean ± std over seeds) per dataset and algorithm,
+    and the cumulative regret where the env reports success; None without fine-tuning runs."""
+    cells = defaultdict(dict)
+    for row in rows:
+        if row["kind"] == "dataset" and row["offline_mean"] is not None:
+            offline = f"{row['offline_mean']:.1f} ± {row['offline_std']:.1f}"
+            cell = f"{offline} → {row['final_mean']:.1f} ± {row['final_std']:.1f}"
+            regret = "" if row["regret_mean"] is None else f", regret {row['regret_mean']:.2f}"
+            cells[row["dataset"]][row["algo"]] = f"{cell} ({row['n']}{regret})"
+    if not cells:
+        return None
+    lines = [f"| dataset | {' | '.join(algos)} |", "|---" * (len(algos) + 1) + "|"]
     for dataset, by_algo in cells.items():
         lines.append(f"| {dataset} | {' | '.join(by_algo.get(a, '–') for a in algos)} |")
     return "\n".join(lines)
@@ -359,6 +387,13 @@ def main(argv: list) -> None:
     ]
     for metric in ("final", "best"):
         md.append(f"## {metric.capitalize()} normalized score\n\n{markdown_table(rows, algos, metric)}")
+    finetuning = finetuning_table(rows, algos)
+    if finetuning is not None:
+        md.append(
+            "## Offline → online (fine-tuning runs)\n\nThe score at the end of the offline phase → the final score, "
+            "mean ± std over seeds (seeds; the cumulative regret, 1 − the online success rate, where the env reports "
+            f"success).\n\n{finetuning}"
+        )
 
     md.append("## Aggregates over datasets (rliable)")
     try:

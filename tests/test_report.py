@@ -238,3 +238,19 @@ def test_folders_without_reportable_runs_are_a_clear_error(case, tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in out, out
     assert {"empty": "no summary.json", "missing": "is not a folder", "only incomplete": "no run is left"}[case] in out
+
+
+def test_fine_tuning_runs_get_an_offline_to_online_table_with_the_regret(tmp_path):
+    """Two seeds fine-tuned online: the offline score (at the end of the offline phase) -> the final one, as CORL's
+    fine-tuning tables; the regret is the mean over seeds of 1 - the online success rate."""
+    for seed, (offline, final, regret) in enumerate([(40.0, 70.0, 0.2), (60.0, 90.0, 0.4)]):
+        summary = write_run(tmp_path / "runs", "iql", "D4RL/door/human-v2", seed, [offline, 80.0, final])
+        summary.update(online_steps=200, offline_normalized_score=offline, online={"regret": regret})
+        run = tmp_path / "runs" / f"D4RL-door-human-v2__iql__{seed}" / "summary.json"
+        run.write_text(json.dumps(summary))
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Offline → online (fine-tuning runs)" in text
+    assert "| door-human-v2 | 50.0 ± 10.0 → 80.0 ± 10.0 (2, regret 0.30) |" in text
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert float(rows[0]["offline_mean"]) == 50.0 and float(rows[0]["regret_mean"]) == pytest.approx(0.3)
