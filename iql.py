@@ -898,7 +898,7 @@ def check_finite(values: dict, since: int, step: int) -> None:
     if bad:
         raise FloatingPointError(
             f"{', '.join(bad)} became non-finite between steps {since} and {step}: the data was checked when "
-            "loaded, so the optimization diverged. Lower the learning rates, or try --layer-norm."
+            "loaded, so the optimization diverged. Lower the learning rates, or add LayerNorm to the critics."
         )
 
 

@@ -88,3 +88,33 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: float = 300, 
 @pytest.fixture
 def run():
     return run_script
+
+
+# ---- the algorithm scripts, run as a user runs them --------------------------------------------------------------
+ALGOS = sorted(p.name for p in ROOT.glob("*.py") if "SHARED BLOCK begins" in p.read_text())  # iql.py, cql.py, ...
+FAST = ["--total-steps", "400", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "100"]
+
+
+@pytest.fixture(params=ALGOS)
+def algo(request):
+    return request.param
+
+
+def small(algo: str) -> list:
+    """Small networks (and, for CQL, few sampled actions): for tests of the plumbing, not of learning."""
+    return ["--hidden-dim", "32"] + (["--cql-n-actions", "2"] if algo == "cql.py" else [])
+
+
+def run_dir_of(output: Path) -> Path:
+    """The one run folder in an --output folder."""
+    (run_dir,) = [p for p in output.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def assert_user_error(result, *phrases):
+    """Exit code 2, one readable message, no traceback."""
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "Traceback" not in out, out
+    for phrase in phrases:
+        assert phrase in out, out

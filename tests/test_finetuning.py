@@ -120,7 +120,6 @@ FINETUNE = ["--total-steps", "200", "--online-steps", "600", "--eval-every", "20
 FINETUNE += ["--log-every", "100", "--checkpoint-every", "100", "--hidden-dim", "32"]
 
 
-@pytest.mark.parametrize("algo", ["iql.py", "cql.py"])
 def test_a_fine_tuning_run_interrupted_online_resumes_with_what_it_had_learned(algo, pendulum, tmp_path):
     """SIGINT in the online phase: the checkpoint holds the online transitions; the resumed run starts a new episode,
     keeps them, and completes; the summary has the offline and the final score, the logs the online curves."""

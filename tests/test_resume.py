@@ -1,0 +1,133 @@
+"""Resume and checkpoints of every algorithm script (subprocesses, parametrized over the scripts): the same seed gives
+the same run, a run interrupted by SIGINT or SIGTERM resumes to the uninterrupted result, a resume refuses what would
+change the run, only the newest checkpoints are kept, a failed write keeps the previous one, and non-finite losses
+stop a run before a checkpoint is written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import FAST, ROOT, assert_user_error, run_dir_of, run_script, small
+
+import common
+
+
+def load_params(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return {
+        k: v for k, v in ckpt.items() if isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())
+    }
+
+
+# ---- determinism and resume -----------------------------------------------------------------------------
+def resumable(algo):
+    return [
+        *("--total-steps", "1200", "--eval-every", "300", "--eval-episodes", "2", "--log-every", "100"),
+        *("--checkpoint-every", "200", *small(algo)),
+    ]
+
+
+@pytest.fixture(scope="session")  # once: every test of this file runs on one worker (--dist loadfile)
+def reference_runs(tmp_path_factory, pendulum):
+    """Uninterrupted runs, computed once per algorithm: the baseline of the determinism and resume tests."""
+    runs = {}
+
+    def get(algo):
+        if algo not in runs:
+            out = tmp_path_factory.mktemp("reference")
+            result = run_script(algo, "--env", pendulum, *resumable(algo), "--seed", 1, "--output", out)
+            assert result.returncode == 0, result.stdout + result.stderr
+            runs[algo] = run_dir_of(out)
+        return runs[algo]
+
+    return get
+
+
+def assert_same_run(a, b):
+    params_a, params_b = load_params(a), load_params(b)
+    assert params_a.keys() == params_b.keys() and params_a
+    for name in params_a:
+        for key in params_a[name]:
+            assert torch.equal(params_a[name][key], params_b[name][key]), f"{name}.{key} differs"
+    scores = [json.loads((d / "summary.json").read_text())["eval_history"] for d in (a, b)]
+    assert [(h["step"], h["return"]) for h in scores[0]] == [(h["step"], h["return"]) for h in scores[1]]
+
+
+def test_same_seed_gives_identical_parameters_and_scores(algo, reference_runs, pendulum, tmp_path):
+    result = run_script(algo, "--env", pendulum, *resumable(algo), "--seed", 1, "--output", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_run(reference_runs(algo), run_dir_of(tmp_path))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, sig, reference_runs, pendulum, tmp_path):
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *resumable(algo), "--output", str(tmp_path)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*/checkpoints/step_*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere after the first checkpoint, mid-training
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out
+    run_dir = run_dir_of(tmp_path)
+    assert f"--resume {run_dir}" in out
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 200 <= stopped_at < 1200, stopped_at
+
+    result = run_script(algo, "--resume", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"at step {stopped_at}" in result.stdout
+    assert_same_run(reference_runs(algo), run_dir)
+
+
+def test_resume_refuses_a_checkpoint_of_another_dataset_or_algorithm(algo, reference_runs, pendulum, door, tmp_path):
+    run_dir = reference_runs(algo)
+    assert_user_error(run_script(algo, "--env", door, "--resume", run_dir), f"cannot change env ({pendulum} -> {door})")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["algo"] = "other"
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert_user_error(run_script(algo, "--resume", tmp_path / "other.pt"), "checkpoint of other.py")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run_script(algo, "--resume", tmp_path / "garbage.pt"), "not a readable")
+
+
+def test_resume_refuses_to_change_hyperparameters(algo, reference_runs):
+    assert_user_error(run_script(algo, "--resume", reference_runs(algo), "--batch-size", "64"), "batch_size")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+def test_only_the_last_keep_checkpoints_files_are_kept(algo, pendulum, tmp_path):
+    args = ["--checkpoint-every", "100", "--keep-checkpoints", "2"]
+    assert run_script(algo, "--env", pendulum, *FAST, *small(algo), *args, "--output", tmp_path).returncode == 0
+    names = sorted(p.name for p in (run_dir_of(tmp_path) / "checkpoints").iterdir())
+    assert names == ["last.pt", "step_300.pt", "step_400.pt"]
+
+
+def test_a_failed_checkpoint_write_warns_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    common.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)}, 1, keep=3)
+
+    def disk_full(fd):  # the bytes are in the temporary file, then the disk "fills up" before the rename
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.os, "fsync", disk_full)
+    common.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(3)}, 2, keep=3)
+    assert "No space left on device" in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_1.pt"]
+
+
+def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pendulum, tmp_path):
+    lrs = ["--actor-lr", "1e30", "--critic-lr", "1e30"] + (["--value-lr", "1e30"] if algo == "iql.py" else [])
+    result = run_script(algo, "--env", pendulum, *FAST, *small(algo), *lrs, "--output", tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 3 and "Traceback" not in out, out
+    assert "losses/" in out and "became non-finite between steps 0 and 100" in out
