@@ -72,6 +72,13 @@ def inverted_pendulum(minari_root) -> dict:
     return {"id": INVERTED, "behaviour_return": float(returns.mean())}
 
 
+@pytest.fixture(scope="session")
+def inverted_pendulum_random(minari_root) -> str:
+    """200 episodes of uniform random actions (mean return ~5): offline training cannot learn to balance from them."""
+    make_dataset("local/invertedpendulum/random-v0", "InvertedPendulum-v5", 200, ref=INVERTED_REF)
+    return "local/invertedpendulum/random-v0"
+
+
 def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
     """Run `python <script> <args>` in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
