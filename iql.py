@@ -960,7 +960,7 @@ class OnlinePhase:
         regret = None if rate is None else 1.0 - rate
         return {
             "episodes": len(self.episodes),
-            "env_steps": sum(e["length"] for e in self.episodes),
+            "env_steps": self.buffer.n_steps - self.offline_steps,  # the episode in progress included
             "success_rate": rate,
             "regret": regret,
         }

@@ -125,3 +125,10 @@ def assert_user_error(result, *phrases):
     assert "Traceback" not in out, out
     for phrase in phrases:
         assert phrase in out, out
+
+
+def assert_same_networks(nets: dict, ref: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Every parameter and buffer of every network equal to the reference's, to float32 precision."""
+    for name in nets:
+        for (key, p), p_ref in zip(nets[name].state_dict().items(), ref[name].state_dict().values(), strict=True):
+            torch.testing.assert_close(p, p_ref, rtol=rtol, atol=atol, msg=f"{name}.{key}")

@@ -54,8 +54,8 @@ def flags_in(text: str) -> list:
 
 def command_flags(line: str, default: str) -> list:
     """(script, flag) of a shell line: `python x.py ...` names its script (also for its comment), `... -- ...` hands
-    the rest on to the algorithm scripts; a comment line is prose of the default script; other programs (pip, ray,
-    minari, srun, ...) are not ours."""
+    the rest on to the algorithm scripts (those of a sweep's `--algos` when it names one); a comment line is prose of
+    the default script; other programs (pip, ray, minari, srun, ...) are not ours."""
     code, _, comment = line.partition(" #")
     if code.lstrip().startswith("#"):
         code, comment = "", code.lstrip()[1:]
@@ -67,9 +67,10 @@ def command_flags(line: str, default: str) -> list:
         skip = comment.startswith(("SBATCH", "!")) or bool(words)
         return [] if skip else [(default, flag) for flag in flags_in(comment)]
     pairs, owner = [(script[1], flag) for flag in flags_in(comment)], script[1]
+    algos = words[words.index("--algos") + 1] if "--algos" in words[:-1] else None  # sweep.py --algos cql -- ...
     for word in words[1:]:
         if word == "--":
-            owner = SHARED
+            owner = f"{algos}.py" if algos in [Path(a).stem for a in ALGORITHMS] else SHARED
         elif word.startswith("--"):
             pairs += [(owner, flag) for flag in flags_in(word.split("=", 1)[0])]
     return pairs

@@ -83,7 +83,7 @@ def test_online_steps_store_each_observation_once_and_pair_it_with_the_next_of_i
     g = iql.returns_to_go(np.array([1.0, 3.0, 5.0]), [3], args.discount, None)
     np.testing.assert_allclose(steps[:3, -1], g)
     np.testing.assert_allclose(steps[3:6, -1], g)
-    assert online.summary() == {"episodes": 2, "env_steps": 6, "success_rate": None, "regret": None}
+    assert online.summary() == {"episodes": 2, "env_steps": 7, "success_rate": None, "regret": None}
 
 
 def test_an_episode_cut_off_by_a_time_limit_leaves_out_its_last_step_where_a_next_action_is_needed(

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_networks
 
 import rebrac
 
@@ -121,12 +122,6 @@ def reference_steps(nets: dict, args, batch: dict, steps: int, betas=None) -> tu
             for p_t, p in zip(ref["target_critic"].parameters(), ref["critic"].parameters(), strict=True):
                 p_t.data.copy_(args.tau * p.data + (1 - args.tau) * p_t.data)
     return ref, losses
-
-
-def assert_same_networks(nets, ref, rtol=1e-5, atol=1e-6):
-    for name in nets:
-        for (key, p), p_ref in zip(nets[name].state_dict().items(), ref[name].state_dict().values(), strict=True):
-            torch.testing.assert_close(p, p_ref, rtol=rtol, atol=atol, msg=f"{name}.{key}")
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])

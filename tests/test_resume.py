@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, ROOT, assert_user_error, run_dir_of, run_script, small
+from conftest import ALGOS, FAST, ROOT, assert_user_error, run_dir_of, run_script, small
 
 import common
 
@@ -64,7 +64,11 @@ def test_same_seed_gives_identical_parameters_and_scores(algo, reference_runs, p
     assert_same_run(reference_runs(algo), run_dir_of(tmp_path))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# SIGINT for every script; SIGTERM (handled by the same code in the shared block) for iql.py
+INTERRUPTIONS = [(algo, signal.SIGINT) for algo in ALGOS] + [("iql.py", signal.SIGTERM)]
+
+
+@pytest.mark.parametrize("algo, sig", INTERRUPTIONS)
 def test_run_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(algo, sig, reference_runs, pendulum, tmp_path):
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(ROOT / algo), "--env", pendulum, *resumable(algo), "--output", str(tmp_path)]

@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FAST, ROOT, assert_user_error, run_dir_of, run_script, small
+from conftest import ALGOS, FAST, ROOT, assert_user_error, run_dir_of, run_script, small
 
 import common
 
-
 # ---- end to end -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dataset", ["pendulum", "pointmaze", "door"])
+# Every script on Pendulum; the dict-observation maze and the Adroit door (and its MuJoCo video) go through the shared
+# block's data path and evaluation, the same in every script: iql.py's run covers them
+END_TO_END = [(algo, "pendulum") for algo in ALGOS] + [("iql.py", "pointmaze"), ("iql.py", "door")]
+
+
+@pytest.mark.parametrize("algo, dataset", END_TO_END)
 def test_end_to_end_run_writes_events_checkpoints_summary_and_videos(algo, dataset, request, tmp_path):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

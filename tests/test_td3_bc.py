@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_networks
 
 import td3_bc
 
@@ -103,12 +104,6 @@ def reference_steps(nets: dict, args, batch: dict, steps: int) -> dict:
                 for p_t, p in zip(target.parameters(), source.parameters(), strict=True):
                     p_t.data.copy_((1 - args.tau) * p_t.data + args.tau * p.data)
     return ref, losses
-
-
-def assert_same_networks(nets, ref, rtol=1e-5, atol=1e-6):
-    for name in nets:
-        for (key, p), p_ref in zip(nets[name].state_dict().items(), ref[name].state_dict().values(), strict=True):
-            torch.testing.assert_close(p, p_ref, rtol=rtol, atol=atol, msg=f"{name}.{key}")
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
