@@ -1,12 +1,13 @@
 """Record a Minari dataset from any Gymnasium env with continuous (Box) actions, offline, in one file.
 
-Behaviour policies (`--policy`): `random` (uniform actions); `checkpoint`, the deterministic actor of an iql.py,
-cql.py or collect.py checkpoint, optionally degraded with Gaussian noise and epsilon-random actions; `sac`, a compact
-online SAC teacher (Haarnoja et al., "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905) whose
-training episodes and/or final-policy rollouts become the data; its actor is saved as <run>/teacher.pt, and an
-interrupted run goes on with `--resume <run>`. Episodes go straight into Minari EpisodeBuffers (T+1 observations; a
-time limit is a truncation, never a termination), without minari[create] or jax. The dataset stores its evaluation
-env and the reference scores of `minari.get_normalized_score`: random's and the best policy's mean returns.
+Behaviour policies (`--policy`): `random` (uniform actions); `checkpoint`, the deterministic actor of an algorithm
+script's checkpoint (iql.py, cql.py, td3_bc.py, rebrac.py), a collect.py teacher or an exported policy, optionally
+degraded with Gaussian noise and epsilon-random actions; `sac`, a compact online SAC teacher (Haarnoja et al., "Soft
+Actor-Critic Algorithms and Applications", arXiv:1812.05905) whose training episodes and/or final-policy rollouts
+become the data; its actor is saved as <run>/teacher.pt, and an interrupted run goes on with `--resume <run>`.
+Episodes go straight into Minari EpisodeBuffers (T+1 observations; a time limit is a truncation, never a
+termination), without minari[create] or jax. The dataset stores its evaluation env and the reference scores of
+`minari.get_normalized_score`: random's and the best policy's mean returns.
 Usage: README.md, sections "Offline quickstart" and "Recording datasets".
 """
 
@@ -272,7 +273,7 @@ def make_env(env: str | gym.envs.registration.EnvSpec, max_episode_steps: int | 
     name, space, obs_space = made.spec.id, made.action_space, made.observation_space
     if not isinstance(space, gym.spaces.Box):
         raise UserError(
-            f"env {name} has a {type(space).__name__} action space; collect.py (and iql.py, cql.py) need "
+            f"env {name} has a {type(space).__name__} action space; collect.py (and the algorithm scripts) need "
             "continuous actions in a Box (e.g. Pendulum-v1, MountainCarContinuous-v0)"
         )
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
@@ -286,7 +287,7 @@ def make_env(env: str | gym.envs.registration.EnvSpec, max_episode_steps: int | 
 
 def check_minari_id(dataset_id: str, what: str, namespaced: bool = False) -> str:
     """Minari's own parser says what an id is (which also keeps paths such as ../../x out of the dataset store).
-    A new dataset needs a namespace: iql.py and cql.py read an id verbatim only if it contains '/'."""
+    A new dataset needs a namespace: the algorithm scripts read an id verbatim only if it contains '/'."""
     try:
         valid = minari.dataset.minari_dataset.parse_dataset_id(dataset_id)[0] is not None or not namespaced
     except Exception:  # ValueError; TypeError for an id without a version
@@ -332,10 +333,10 @@ def behaviour(env: gym.Env, actor=None, noise: float = 0.0, epsilon: float = 0.0
 
 
 def actor_mean_net(state: dict) -> nn.Sequential:
-    """An actor's deterministic path, Linear-ReLU-...-Linear, from its state dict alone (no import of iql.py, cql.py):
-    the 2-D `*.weight` entries in order. Entries named *std* and 0-d scalars do not act on the mean, dropout is off
-    when acting; anything else (a LayerNorm, say) would change the actions and is refused. The caller takes tanh of
-    the first act_dim outputs (so a fused [mean, log_std] head works too)."""
+    """An actor's deterministic path, Linear-ReLU-...-Linear, from its state dict alone (no import of an algorithm
+    script): the 2-D `*.weight` entries in order. Entries named *std* and 0-d scalars do not act on the mean, dropout
+    is off when acting; anything else (a LayerNorm, say) would change the actions and is refused. The caller takes
+    tanh of the first act_dim outputs (so a fused [mean, log_std] head works too)."""
     names = [k[:-7] for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and "std" not in k]
     known = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
     if not names or any(k not in known and "std" not in k and v.dim() > 0 for k, v in state.items()):

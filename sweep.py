@@ -1,10 +1,10 @@
 """Grids of offline RL runs (algorithms x datasets x seeds) as Ray tasks, on this machine or on a Ray cluster.
 
-Each run is one Ray task that starts the unchanged script (iql.py, cql.py) as a subprocess; the scripts never
-import Ray. Run folders are fixed by the grid, <output>/<env>__<algo>__<seed>, so launching the same grid again
-skips completed runs and resumes interrupted ones from their checkpoints/last.pt. Without --address Ray starts on
-this machine; with --address the same command runs on a Ray cluster (`ray start`, SLURM, Kubernetes). Ctrl-C stops
-every run cleanly: each script gets SIGTERM, writes its checkpoint and exits. Results: `python report.py <output>`.
+Each run is one Ray task that starts the unchanged script (iql.py, cql.py, td3_bc.py, rebrac.py) as a subprocess; the
+scripts never import Ray. Run folders are fixed by the grid, <output>/<env>__<algo>__<seed>, so launching the same grid
+again skips completed runs and resumes interrupted ones from their checkpoints/last.pt. Without --address Ray starts on
+this machine; with --address the same command runs on a Ray cluster (`ray start`, SLURM, Kubernetes). Ctrl-C stops every
+run cleanly: each script gets SIGTERM, writes its checkpoint and exits. Results: `python report.py <output>`.
 README section "Running many experiments".
 
     python sweep.py --algos iql cql --envs door-human-v2 pen-human-v2 --seeds 0 1 2 3 -- --eval-every 10000

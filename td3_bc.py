@@ -223,8 +223,10 @@ def make_update(nets: dict, opts: dict, args: Args):
 
     def actor_step(batch: dict) -> dict:
         pi = actor(batch["obs"])
-        frozen = {name: p.detach() for name, p in critic.named_parameters()}  # the actor's loss moves the actor only
-        q_pi = torch.func.functional_call(critic, frozen, (batch["obs"], pi))[0]  # Q1 alone, as the paper
+        # Q1 alone, as the paper: the first critic's weights (the leading [:1] of each batched layer), detached so
+        # that the actor's loss moves the actor only; Q2 is never computed here
+        q1_weights = {name: p[:1].detach() for name, p in critic.named_parameters()}
+        q_pi = torch.func.functional_call(critic, q1_weights, (batch["obs"], pi))[0]
         lmbda = q_weight(q_pi, args.alpha)
         actor_loss = td3_bc_actor_loss(q_pi, pi, batch["actions"], lmbda)
         common.descend(opts["actor_opt"], actor_loss)

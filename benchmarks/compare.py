@@ -1,0 +1,497 @@
+"""Our TD3+BC and ReBRAC against reference implementations: the same Minari data, seeds, budget and evaluations.
+
+    python benchmarks/compare.py --datasets local/hopper/sac-noisy-v0 --corl ~/CORL --steps 20000
+    PYTHONPATH=/path/to/d3rlpy-site python benchmarks/compare.py --algos rebrac --datasets local/hopper/sac-noisy-v0
+
+Implementations (`--impls`):
+
+    ours     td3_bc.py / rebrac.py run as a user runs them; rebrac.py with --batch-size (default 1024, CORL's
+             locomotion batch: a local dataset is domain "other" and would get the Args default of 256)
+    corl     TD3+BC only: CORL's algorithms/offline/td3_bc.py (--corl: a checkout, a bare clone or the file), run
+             unmodified with its defaults (= its locomotion configs) through shim modules written to a temporary
+             folder at run time: d4rl.qlearning_dataset from the Minari episodes (every transition, s' the episode's
+             next observation), gym.make returning the dataset's evaluation env with the old API (reset -> obs,
+             step -> 4-tuple, env.seed, get_normalized_score from the dataset's reference scores), pyrallis parsing
+             --key value into CORL's TrainConfig, and wandb a logger that records the d4rl normalized scores and
+             the time between logs (its steps/s: training steps over training seconds, evaluations excluded)
+    d3rlpy   ReBRAC only: d3rlpy's ReBRAC (when `import d3rlpy` works), trained with its own fit() on an MDPDataset
+             built from the Minari episodes, configured like CORL's locomotion ReBRAC (3 x 256 actor and critics,
+             LayerNorm in the critics, batch --rebrac-batch-size, lr 1e-3, beta1 --beta1, beta2 --beta2); evaluated
+             every --eval-every steps on --eval-episodes episodes of the dataset's evaluation env, with the seeds
+             our scripts use at that step
+
+Every run is a subprocess with --threads torch threads (OMP_NUM_THREADS); runs go one at a time. Each writes
+<out>/<algo>/<impl>/<dataset>/seed<N>.json (and a .log); a run whose .json exists is not run again, so the same
+command prints the tables at once. The tables: final (last evaluation) and best (maximum over evaluations)
+normalized score, mean ± sample std over the seeds, the mean per evaluation step, and steps/s (the median over
+seeds; evaluations excluded).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = {"td3_bc": ("ours", "corl"), "rebrac": ("ours", "d3rlpy")}
+
+
+@dataclass
+class Args:
+    datasets: tuple[str, ...] = ("local/hopper/sac-noisy-v0",)
+    """Minari ids (in $MINARI_DATASETS_PATH) with an evaluation env and reference scores"""
+    algos: tuple[str, ...] = ("td3_bc", "rebrac")
+    """td3_bc (ours against CORL) and/or rebrac (ours against d3rlpy)"""
+    impls: tuple[str, ...] = ("ours", "corl", "d3rlpy")
+    """which implementations to run (a reference that is not available is skipped with a message)"""
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """seeds of every implementation"""
+    steps: int = 20000
+    """gradient steps per run"""
+    eval_every: int = 5000
+    """evaluate every this many steps (the last evaluation is at --steps)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    corl: str | None = None
+    """CORL: a checkout or a bare clone (algorithms/offline/td3_bc.py is read from it), or the script itself"""
+    rebrac_batch_size: int = 1024
+    """ReBRAC's batch, ours and d3rlpy's (CORL's locomotion configs: 1024)"""
+    beta1: float = 0.05
+    """ReBRAC's actor penalty (rebrac.py's default; d3rlpy's actor_beta)"""
+    beta2: float = 0.01
+    """ReBRAC's critic penalty (rebrac.py's default; d3rlpy's critic_beta)"""
+    threads: int = 1
+    """torch threads of every run"""
+    out: str = "runs/compare"
+    """folder of the runs' results"""
+
+
+# ---- the shims CORL's td3_bc.py imports (written to a temporary folder; none of CORL's code) --------------------
+SHIM_GYM = '''"""gym, as CORL's scripts use it, over Gymnasium and a Minari dataset's evaluation env (old API)."""
+import minari
+
+
+class Env:
+    """A Gymnasium env with gym's old API: reset() -> obs, step() -> (obs, reward, done, info), seed()."""
+
+    def __init__(self, env, dataset=None):
+        self.env, self.dataset, self._seed = env, dataset, None
+        self.observation_space, self.action_space = env.observation_space, env.action_space
+
+    def seed(self, seed=None):
+        self._seed = seed  # the next reset is seeded, later ones continue its random stream (old gym)
+        return [seed]
+
+    def reset(self, **kwargs):
+        obs, _ = self.env.reset(seed=self._seed)
+        self._seed = None
+        return obs
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated or truncated, info
+
+    def get_normalized_score(self, score):
+        meta = self.dataset.storage.metadata
+        return (score - meta["ref_min_score"]) / (meta["ref_max_score"] - meta["ref_min_score"])
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+class Wrapper(Env):
+    def __init__(self, env):
+        self.env = env
+        self.observation_space, self.action_space = env.observation_space, env.action_space
+
+    def seed(self, seed=None):
+        return self.env.seed(seed)
+
+    def reset(self, **kwargs):
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        return self.env.step(action)
+
+    def get_normalized_score(self, score):
+        return self.env.get_normalized_score(score)
+
+
+def make(name, **kwargs):
+    """A Minari dataset id: its evaluation env (time limit included), holding the dataset for d4rl."""
+    dataset = minari.load_dataset(name)
+    return Env(dataset.recover_environment(eval_env=True), dataset)
+
+
+from . import wrappers  # noqa: E402, F401  (gym.wrappers.TransformObservation; it imports Wrapper from here)
+'''
+
+SHIM_GYM_WRAPPERS = """from gym import Wrapper
+
+
+class TransformObservation(Wrapper):
+    def __init__(self, env, f):
+        super().__init__(env)
+        self.f = f
+
+    def reset(self, **kwargs):
+        return self.f(self.env.reset(**kwargs))
+
+    def step(self, action):
+        obs, reward, done, info = self.env.step(action)
+        return self.f(obs), reward, done, info
+
+
+class TransformReward(Wrapper):
+    def __init__(self, env, f):
+        super().__init__(env)
+        self.f = f
+
+    def step(self, action):
+        obs, reward, done, info = self.env.step(action)
+        return obs, self.f(reward), done, info
+"""
+
+SHIM_D4RL = '''"""d4rl.qlearning_dataset from the Minari dataset behind the shim env: every transition."""
+import os
+
+import numpy as np
+import torch
+
+torch.set_num_threads(int(os.environ.get("COMPARE_THREADS", "1")))
+
+
+def qlearning_dataset(env, **kwargs):
+    while not hasattr(env, "dataset"):
+        env = env.env
+    parts = {k: [] for k in ("observations", "actions", "next_observations", "rewards", "terminals")}
+    for episode in env.dataset.iterate_episodes():
+        obs = np.asarray(episode.observations, dtype=np.float32)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32))
+        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
+        parts["terminals"].append(np.asarray(episode.terminations, dtype=bool))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+'''
+
+SHIM_PYRALLIS = '''"""pyrallis.wrap: the config dataclass from --key value / --key=value arguments."""
+import dataclasses
+import inspect
+import sys
+import typing
+
+
+def _parse(kind, text):
+    if text in ("None", "null") and type(None) in typing.get_args(kind):
+        return None
+    kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
+    if kind is bool:
+        return text.lower() in ("true", "1", "yes")
+    return kind(text)
+
+
+def wrap(*args, **kwargs):
+    def decorator(fn):
+        def wrapped():
+            config_class = next(iter(typing.get_type_hints(fn).values()))
+            kinds = {f.name: f.type for f in dataclasses.fields(config_class)}
+            argv, values = sys.argv[1:], {}
+            while argv:
+                key = argv.pop(0)[2:]
+                key, _, value = key.partition("=")
+                values[key] = _parse(kinds[key], value if _ else argv.pop(0))
+            return fn(config_class(**values))
+
+        return wrapped
+
+    return decorator
+
+
+def dump(config, stream):
+    for key, value in dataclasses.asdict(config).items():
+        stream.write(f"{key}: {value}\\n")
+'''
+
+SHIM_WANDB = '''"""wandb as a recorder: every evaluation's d4rl normalized score, and the training time."""
+import json
+import os
+import time
+
+
+class _Run:
+    def save(self, *args, **kwargs):
+        pass
+
+
+run = _Run()
+_state = {"evals": [], "train_seconds": 0.0, "steps": 0}
+_clock = {}
+
+
+def _write():
+    with open(os.environ["COMPARE_RESULT"], "w") as f:
+        json.dump(_state, f)
+
+
+def init(*args, **kwargs):
+    _clock["window"] = time.perf_counter()  # the training loop starts right after
+    _clock["last"] = _clock["window"]
+
+
+def log(values, step=None):
+    now = time.perf_counter()
+    if "d4rl_normalized_score" in values:  # after an evaluation: what passed since the last log was evaluating
+        train = _clock["last"] - _clock["window"]  # from the end of the previous evaluation to the last step's log
+        _state["train_seconds"] += train
+        score = float(values["d4rl_normalized_score"])
+        _state["evals"].append({"step": step, "normalized_score": score, "seconds": now - _clock["last"],
+                                "train_seconds": train})
+        _clock["window"] = now
+        _clock["last"] = now
+        _state["steps"] = step
+        _write()
+    else:
+        _clock["last"] = now
+'''
+
+SHIMS = {
+    "gym/__init__.py": SHIM_GYM,
+    "gym/wrappers.py": SHIM_GYM_WRAPPERS,
+    "d4rl/__init__.py": SHIM_D4RL,
+    "pyrallis/__init__.py": SHIM_PYRALLIS,
+    "wandb/__init__.py": SHIM_WANDB,
+}
+
+
+def write_shims(folder: Path) -> Path:
+    for name, text in SHIMS.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def corl_script(path: str, folder: Path) -> Path:
+    """CORL's td3_bc.py from a file, a checkout or a bare clone (git show HEAD:...), copied into folder."""
+    source, relative = Path(path).expanduser(), "algorithms/offline/td3_bc.py"
+    if source.is_file():
+        text = source.read_text()
+    elif (source / relative).is_file():
+        text = (source / relative).read_text()
+    else:
+        shown = subprocess.run(["git", "-C", str(source), "show", f"HEAD:{relative}"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise SystemExit(f"--corl {path}: no {relative} there (a CORL checkout, bare clone or the file)")
+        text = shown.stdout
+    (folder / "corl_td3_bc.py").write_text(text)
+    return folder / "corl_td3_bc.py"
+
+
+# ---- d3rlpy's ReBRAC: a worker process ---------------------------------------------------------------------
+def d3rlpy_worker(spec: dict) -> None:
+    """Train d3rlpy's ReBRAC with fit() on the Minari dataset; evaluate at the end of every epoch (--eval-every)."""
+    import d3rlpy
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    d3rlpy.seed(spec["seed"])
+    dataset = minari.load_dataset(spec["dataset"])
+    parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    for episode in dataset.iterate_episodes():
+        T = len(episode.rewards)
+        last = np.zeros(T, np.float32)
+        last[-1] = 1.0
+        terminated = bool(episode.terminations[-1])
+        parts["observations"].append(np.asarray(episode.observations[:-1], np.float32))  # the final one has no action
+        parts["actions"].append(np.asarray(episode.actions, np.float32))
+        parts["rewards"].append(np.asarray(episode.rewards, np.float32))
+        parts["terminals"].append(last * terminated)
+        parts["timeouts"].append(last * (not terminated))
+    mdp = d3rlpy.dataset.MDPDataset(
+        **{k: np.concatenate(v) for k, v in parts.items()}, action_space=d3rlpy.ActionSpace.CONTINUOUS
+    )
+    low, high = dataset.action_space.low, dataset.action_space.high
+    scaler = None
+    if not (np.all(low == -1) and np.all(high == 1)):
+        scaler = d3rlpy.preprocessing.MinMaxActionScaler(minimum=low, maximum=high)
+    config = d3rlpy.algos.ReBRACConfig(
+        batch_size=spec["batch_size"],
+        actor_learning_rate=1e-3,
+        critic_learning_rate=1e-3,
+        actor_encoder_factory=d3rlpy.models.VectorEncoderFactory([256, 256, 256]),
+        critic_encoder_factory=d3rlpy.models.VectorEncoderFactory([256, 256, 256], use_layer_norm=True),
+        gamma=0.99,
+        tau=0.005,
+        n_critics=2,
+        target_smoothing_sigma=0.2,
+        target_smoothing_clip=0.5,
+        actor_beta=spec["beta1"],
+        critic_beta=spec["beta2"],
+        update_actor_interval=2,
+        action_scaler=scaler,
+    )
+    algo = config.create(device="cpu:0")
+    env = gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True))
+    meta = dataset.storage.metadata
+    result = {"evals": [], "train_seconds": 0.0, "steps": 0}
+    clock = {"window": time.perf_counter()}
+
+    def evaluate(algo, epoch, total_step):
+        t = time.perf_counter()
+        result["train_seconds"] += t - clock["window"]
+        seeds = np.random.SeedSequence([spec["seed"], total_step]).generate_state(spec["eval_episodes"])
+        returns = []
+        for seed in seeds:  # our scripts' evaluation seeds at this step
+            obs, _ = env.reset(seed=int(seed))
+            done, total = False, 0.0
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(algo.predict(obs[None].astype(np.float32))[0])
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+        score = 100 * (np.mean(returns) - meta["ref_min_score"]) / (meta["ref_max_score"] - meta["ref_min_score"])
+        result["evals"].append(
+            {"step": total_step, "normalized_score": float(score), "seconds": time.perf_counter() - t}
+        )
+        result["steps"] = total_step
+        Path(spec["result"]).write_text(json.dumps(result))
+        print(f"step {total_step}: normalized score {score:.1f}", flush=True)
+        clock["window"] = time.perf_counter()
+
+    algo.fit(
+        mdp,
+        n_steps=spec["steps"],
+        n_steps_per_epoch=spec["eval_every"],
+        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
+        show_progress=False,
+        epoch_callback=evaluate,
+    )
+
+
+# ---- running and reading the runs --------------------------------------------------------------------------
+def command(args: Args, algo: str, impl: str, dataset: str, seed: int, result: Path, shims: Path | None) -> list:
+    """The run's command line; result: its .json (ours: the run folder is beside it, the others write a partial
+    record next to it as they go)."""
+    common = ["--seed", str(seed)]
+    if impl == "ours":
+        run_dir = result.with_suffix("")
+        cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--env", dataset, *common, "--total-steps", str(args.steps)]
+        cmd += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--device", "cpu"]
+        cmd += ["--checkpoint-every", str(args.steps), "--output", str(run_dir.parent), "--run-name", run_dir.name]
+        if algo == "rebrac":
+            cmd += ["--batch-size", str(args.rebrac_batch_size), "--beta1", str(args.beta1), "--beta2", str(args.beta2)]
+        return cmd
+    if impl == "corl":
+        cmd = [sys.executable, str(shims / "corl_td3_bc.py"), "--env", dataset, *common, "--device", "cpu"]
+        return cmd + ["--max_timesteps", str(args.steps), "--eval_freq", str(args.eval_every), "--n_episodes", "10"]
+    spec = {"dataset": dataset, "seed": seed, "steps": args.steps, "eval_every": args.eval_every}
+    spec.update(eval_episodes=args.eval_episodes, batch_size=args.rebrac_batch_size, beta1=args.beta1)
+    spec.update(beta2=args.beta2, threads=args.threads, result=str(result.with_suffix(".partial.json")))
+    return [sys.executable, str(Path(__file__).resolve()), "_d3rlpy_worker", json.dumps(spec)]
+
+
+def run(args: Args, algo: str, impl: str, dataset: str, seed: int, shims: Path | None) -> None:
+    result = Path(args.out) / algo / impl / dataset.replace("/", "_") / f"seed{seed}.json"
+    if result.exists():
+        return
+    result.parent.mkdir(parents=True, exist_ok=True)
+    partial = result.with_suffix(".partial.json")
+    cmd = command(args, algo, impl, dataset, seed, result, shims)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "COMPARE_THREADS": str(args.threads)}
+    env.update(COMPARE_RESULT=str(partial), PYTHONWARNINGS="ignore")
+    if impl == "corl":
+        env["PYTHONPATH"] = os.pathsep.join([str(shims), env.get("PYTHONPATH", "")])
+    print(f"{algo} {impl} {dataset} seed {seed}: {' '.join(cmd[:2])} ...", flush=True)
+    start = time.time()
+    with open(result.with_suffix(".log"), "w") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"the run failed (exit {code}); see {result.with_suffix('.log')}")
+    if impl == "ours":
+        summary = json.loads((result.with_suffix("") / "summary.json").read_text())
+        evals = [{k: h[k] for k in ("step", "normalized_score", "seconds")} for h in summary["eval_history"]]
+        record = {"evals": evals, "sps": summary["sps"], "steps": summary["steps"]}
+    else:
+        record = json.loads(partial.read_text())
+        record["sps"] = record["steps"] / max(record.pop("train_seconds"), 1e-9)
+        partial.unlink()
+    record.update(wall_seconds=round(time.time() - start, 1), command=cmd)
+    result.write_text(json.dumps(record, indent=1))
+
+
+def mean_std(values: list) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def tables(args: Args) -> None:
+    for algo in args.algos:
+        print(f"\n{algo}: normalized score, mean ± sample std over seeds; steps/s median over seeds")
+        print("\n| dataset | implementation | seeds | final | best | mean per evaluation (steps) | steps/s |")
+        print("|---|---|---|---|---|---|---|")
+        for dataset in args.datasets:
+            for impl in IMPLS[algo]:
+                folder = Path(args.out) / algo / impl / dataset.replace("/", "_")
+                records = [
+                    json.loads(p.read_text()) for p in sorted(folder.glob("seed*.json")) if "partial" not in p.name
+                ]
+                records = [r for r in records if r["steps"] == args.steps]
+                if not records:
+                    continue
+                final = [r["evals"][-1]["normalized_score"] for r in records]
+                best = [max(e["normalized_score"] for e in r["evals"]) for r in records]
+                steps = sorted({e["step"] for r in records for e in r["evals"]})
+                at = {s: [e["normalized_score"] for r in records for e in r["evals"] if e["step"] == s] for s in steps}
+                curve = " / ".join(f"{statistics.mean(at[s]):.1f}" for s in steps)
+                sps = statistics.median(r["sps"] for r in records)
+                cells = [dataset, impl, str(len(records)), mean_std(final), mean_std(best)]
+                cells += [f"{curve} ({', '.join(f'{s / 1000:g}k' for s in steps)})", f"{sps:.1f}"]
+                print(f"| {' | '.join(cells)} |")
+
+
+def available(impl: str, args: Args) -> str | None:
+    """Why an implementation cannot run here (None: it can)."""
+    if impl == "corl" and args.corl is None:
+        return "CORL's td3_bc.py needs --corl PATH"
+    if impl == "d3rlpy":
+        import importlib.util
+
+        if importlib.util.find_spec("d3rlpy") is None:
+            return "d3rlpy is not importable (pip install d3rlpy, or put it on PYTHONPATH)"
+    return None
+
+
+def main(args: Args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        shims = None
+        if args.corl is not None and "td3_bc" in args.algos and "corl" in args.impls:
+            shims = write_shims(Path(tmp))
+            corl_script(args.corl, shims)
+        for algo in args.algos:
+            impls = [impl for impl in IMPLS[algo] if impl in args.impls]
+            for impl in impls:
+                if available(impl, args):
+                    print(f"skipping {algo} {impl}: {available(impl, args)}")
+            impls = [impl for impl in impls if not available(impl, args)]
+            for dataset in args.datasets:
+                for seed in args.seeds:
+                    for impl in impls:  # interleaved: a machine's slow spell hits every implementation alike
+                        run(args, algo, impl, dataset, seed, shims)
+    tables(args)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_d3rlpy_worker"]:
+        d3rlpy_worker(json.loads(sys.argv[2]))
+    else:
+        main(tyro.cli(Args))
