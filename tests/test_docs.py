@@ -22,7 +22,7 @@ from conftest import ROOT
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py")
 TOOLS = ("collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
-TOOLS += ("benchmarks/ablation.py", "tools/shared_block.py")
+TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "tools/shared_block.py")
 PAGE_SCRIPT = {
     "iql.md": "iql.py",
     "cql.md": "cql.py",
