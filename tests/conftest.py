@@ -2,6 +2,7 @@
 first use, and a helper that runs a script as a user would (subprocess, exit code, output). Every test runs with
 one torch thread (the suite runs in parallel, one worker per core) and leaves no global state behind."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -132,3 +133,68 @@ def assert_same_networks(nets: dict, ref: dict, rtol: float = 1e-5, atol: float 
     for name in nets:
         for (key, p), p_ref in zip(nets[name].state_dict().items(), ref[name].state_dict().values(), strict=True):
             torch.testing.assert_close(p, p_ref, rtol=rtol, atol=atol, msg=f"{name}.{key}")
+
+
+def fixed_batch(size: int, obs_dim: int, act_dim: int, next_actions: bool) -> dict:
+    """A fixed random batch (generator seed 42) as update(batch, step) reads it; the next actions NaN for an algorithm
+    that must never read them."""
+    g = torch.Generator().manual_seed(42)
+    batch = {
+        "obs": torch.randn(size, obs_dim, generator=g),
+        "actions": torch.rand(size, act_dim, generator=g) * 2 - 1,
+        "rewards": torch.randn(size, generator=g),
+        "next_obs": torch.randn(size, obs_dim, generator=g),
+        "dones": (torch.rand(size, generator=g) < 0.2).float(),
+        "next_actions": torch.full((size, act_dim), float("nan")),
+    }
+    if next_actions:
+        batch["next_actions"] = torch.rand(size, act_dim, generator=g) * 2 - 1
+    return batch
+
+
+def metrics_and_moved_networks(nets: dict, update, batch: dict, steps: int) -> tuple:
+    """update(batch, step) for steps 1..steps: each step's metrics (the same keys every step, all detached) and the
+    set of networks whose first layer it changed."""
+    all_metrics, moved = [], []
+    for step in range(1, steps + 1):
+        before = copy.deepcopy(nets)
+        metrics = update(batch, step)
+        assert all(not m.requires_grad for m in metrics.values())
+        assert not all_metrics or set(metrics) == set(all_metrics[0])
+        all_metrics.append(metrics)
+        moved.append({name for name in nets if not torch.equal(nets[name].net[0].weight, before[name].net[0].weight)})
+    return all_metrics, moved
+
+
+def compiled_and_eager_updates(build, steps: int = 6) -> dict:
+    """{compile: (nets, last metrics, dynamo's unique-graph count before step 1 and after each step)} for the learner
+    build(compile) returns as (args, nets, update, batch); both draw the same random numbers."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compile in (False, True):
+        _, nets, update, batch = build(compile)
+        torch.manual_seed(1)
+        graphs = [counters["stats"]["unique_graphs"]]
+        with torch._inductor.config.patch(fallback_random=True):  # the same random numbers as eager
+            for step in range(1, steps + 1):
+                metrics = update(batch, step)
+                graphs.append(counters["stats"]["unique_graphs"])
+        runs[compile] = nets, metrics, graphs
+    return runs
+
+
+def assert_compiled_equals_eager(runs: dict) -> None:
+    """The compiled run's metrics and networks equal the eager run's, to compilation's float tolerance."""
+    (eager_nets, m_eager, _), (compiled_nets, m_compiled, _) = runs[False], runs[True]
+    for k in m_eager:
+        torch.testing.assert_close(m_compiled[k], m_eager[k], rtol=1e-4, atol=1e-5)
+    assert_same_networks(compiled_nets, eager_nets, rtol=1e-4, atol=1e-5)
+
+
+def assert_bf16_close(m16: dict, m32: dict, names: tuple) -> None:
+    """bf16 metrics in float32 and within 3 % of the float32 run's (absolute 3e-4 near zero)."""
+    for k in names:
+        m, ref = m16[f"losses/{k}"], m32[f"losses/{k}"]
+        assert m.dtype == torch.float32
+        assert abs(m.item() - ref.item()) / max(abs(ref.item()), 1e-2) < 0.03, (k, m.item(), ref.item())

@@ -9,7 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_networks
+from conftest import (
+    assert_bf16_close,
+    assert_compiled_equals_eager,
+    assert_same_networks,
+    compiled_and_eager_updates,
+    fixed_batch,
+    metrics_and_moved_networks,
+)
 
 import rebrac
 
@@ -69,16 +76,7 @@ def build(**overrides):
     torch.manual_seed(0)
     nets = rebrac.make_networks(args, OBS, ACT)
     update = rebrac.make_update(nets, rebrac.make_optimizers(nets, args), args)
-    g = torch.Generator().manual_seed(42)
-    batch = {
-        "obs": torch.randn(B, OBS, generator=g),
-        "actions": torch.rand(B, ACT, generator=g) * 2 - 1,
-        "rewards": torch.randn(B, generator=g),
-        "next_obs": torch.randn(B, OBS, generator=g),
-        "dones": (torch.rand(B, generator=g) < 0.2).float(),
-        "next_actions": torch.rand(B, ACT, generator=g) * 2 - 1,
-    }
-    return args, nets, update, batch
+    return args, nets, update, fixed_batch(B, OBS, ACT, next_actions=True)
 
 
 def reference_steps(nets: dict, args, batch: dict, steps: int, betas=None) -> tuple:
@@ -140,19 +138,12 @@ def test_updates_equal_the_authors_sequential_rebrac_steps(steps):
 
 def test_actor_and_targets_move_on_odd_steps_only_and_every_step_returns_the_same_keys():
     _, nets, update, batch = build()
-    keys, moved = None, []
-    for step in range(1, 6):
-        before = copy.deepcopy(nets)
-        metrics = update(batch, step)
-        keys = keys or set(metrics)
-        assert set(metrics) == keys and all(not m.requires_grad for m in metrics.values())
-        changed = {name for name in nets if not torch.equal(nets[name].net[0].weight, before[name].net[0].weight)}
-        moved.append(changed)
+    metrics, moved = metrics_and_moved_networks(nets, update, batch, 5)
     both = {"critic", "actor", "target_critic", "target_actor"}
     first = both - {"target_actor"}  # averaged towards the actor before its first step: the actor it started equal to
     assert moved == [first, {"critic"}, both, {"critic"}, both]
     names = ("critic_loss", "q_min", "next_penalty", "actor_loss", "bc_mse", "beta1")
-    assert keys == {f"losses/{k}" for k in names}
+    assert set(metrics[0]) == {f"losses/{k}" for k in names}
 
 
 def test_the_actors_target_follows_the_actor_before_its_step_and_the_critics_target_the_updated_critics():
@@ -254,27 +245,13 @@ def test_explore_is_the_deterministic_action_by_default_and_adds_clipped_noise_o
 
 # ---- compiled and bf16 variants -------------------------------------------------------------------------
 def test_compiled_update_equals_the_eager_one_and_never_recompiles_not_even_when_fine_tuning_starts():
-    from torch._dynamo.utils import counters
+    def small(compile):  # one hidden layer: every kind of layer (Linear, ReLU, LayerNorm, output); 3 + 3 steps
+        return build(compile=compile, total_steps=3, online_steps=3, actor_n_hidden=1, critic_n_hidden=1)
 
-    runs = {}
-    for compile in (False, True):
-        # one hidden layer: every kind of layer (Linear, ReLU, LayerNorm, output), a shorter compile
-        _, nets, update, batch = build(
-            compile=compile, total_steps=3, online_steps=3, actor_n_hidden=1, critic_n_hidden=1
-        )
-        torch.manual_seed(1)
-        graphs = [counters["stats"]["unique_graphs"]]
-        with torch._inductor.config.patch(fallback_random=True):  # the same random numbers as eager
-            for step in range(1, 7):  # offline 1-3, online 4-6: beta1, beta2 change in place
-                metrics = update(batch, step)
-                graphs.append(counters["stats"]["unique_graphs"])
-        if compile:  # both steps compiled at step 1 (critic, then actor), nothing new afterwards
-            assert graphs[0] < graphs[1] == graphs[6], graphs
-        runs[compile] = nets, metrics
-    (eager_nets, m_eager), (compiled_nets, m_compiled) = runs[False], runs[True]
-    for k in m_eager:
-        torch.testing.assert_close(m_compiled[k], m_eager[k], rtol=1e-4, atol=1e-5)
-    assert_same_networks(compiled_nets, eager_nets, rtol=1e-4, atol=1e-5)
+    runs = compiled_and_eager_updates(small)  # offline steps 1-3, online 4-6: beta1, beta2 change in place
+    graphs = runs[True][2]
+    assert graphs[0] < graphs[1] == graphs[6], graphs  # both steps compiled at step 1, nothing new afterwards
+    assert_compiled_equals_eager(runs)
 
 
 def test_bf16_update_stays_close_to_float32():
@@ -285,10 +262,7 @@ def test_bf16_update_stays_close_to_float32():
     torch.manual_seed(1)
     m16 = bf16(batch, 1)
     assert m16["losses/bc_mse"].item() != m32["losses/bc_mse"].item()  # bf16 really ran
-    for k in ("critic_loss", "q_min", "next_penalty", "actor_loss", "bc_mse"):
-        m, ref = m16[f"losses/{k}"], m32[f"losses/{k}"]
-        assert m.dtype == torch.float32
-        assert abs(m.item() - ref.item()) / max(abs(ref.item()), 1e-2) < 0.03, (k, m.item(), ref.item())
+    assert_bf16_close(m16, m32, ("critic_loss", "q_min", "next_penalty", "actor_loss", "bc_mse"))
 
 
 # ---- the settings tables, as a script applies them ------------------------------------------------------

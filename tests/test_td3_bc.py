@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_networks
+from conftest import (
+    assert_bf16_close,
+    assert_compiled_equals_eager,
+    assert_same_networks,
+    compiled_and_eager_updates,
+    fixed_batch,
+    metrics_and_moved_networks,
+)
 
 import td3_bc
 
@@ -57,16 +64,7 @@ def build(**overrides):
     torch.manual_seed(0)
     nets = td3_bc.make_networks(args, OBS, ACT)
     update = td3_bc.make_update(nets, td3_bc.make_optimizers(nets, args), args)
-    g = torch.Generator().manual_seed(42)
-    batch = {
-        "obs": torch.randn(B, OBS, generator=g),
-        "actions": torch.rand(B, ACT, generator=g) * 2 - 1,
-        "rewards": torch.randn(B, generator=g),
-        "next_obs": torch.randn(B, OBS, generator=g),
-        "dones": (torch.rand(B, generator=g) < 0.2).float(),
-        "next_actions": torch.full((B, ACT), float("nan")),  # TD3+BC never reads them
-    }
-    return args, nets, update, batch
+    return args, nets, update, fixed_batch(B, OBS, ACT, next_actions=False)  # TD3+BC never reads next actions
 
 
 def reference_steps(nets: dict, args, batch: dict, steps: int) -> dict:
@@ -124,18 +122,11 @@ def test_updates_equal_the_authors_sequential_td3_bc_steps(steps):
 
 def test_actor_and_targets_move_on_even_steps_only_and_every_step_returns_the_same_keys():
     _, nets, update, batch = build()
-    keys, moved = None, []
-    for step in range(1, 6):
-        before = copy.deepcopy(nets)
-        metrics = update(batch, step)
-        keys = keys or set(metrics)
-        assert set(metrics) == keys and all(not m.requires_grad for m in metrics.values())
-        changed = {name for name in nets if not torch.equal(nets[name].net[0].weight, before[name].net[0].weight)}
-        moved.append(changed)
-        if step == 1:  # no actor step yet: its metrics are zeros
-            assert metrics["losses/actor_loss"].item() == 0.0
+    metrics, moved = metrics_and_moved_networks(nets, update, batch, 5)
     assert moved == [{"critic"}, {"critic", "actor", "target_critic", "target_actor"}] * 2 + [{"critic"}]
-    assert keys == {f"losses/{k}" for k in ("critic_loss", "q_mean", "target_q_mean", "actor_loss", "lambda", "bc_mse")}
+    assert metrics[0]["losses/actor_loss"].item() == 0.0  # no actor step yet: its metrics are zeros
+    names = ("critic_loss", "q_mean", "target_q_mean", "actor_loss", "lambda", "bc_mse")
+    assert set(metrics[0]) == {f"losses/{k}" for k in names}
 
 
 def test_the_actor_loss_moves_the_actor_and_never_the_critics():
@@ -190,24 +181,10 @@ def test_explore_adds_gaussian_noise_of_exploration_noise_std_and_clips_to_the_a
 
 # ---- compiled and bf16 variants -------------------------------------------------------------------------
 def test_compiled_update_equals_the_eager_one_compiles_each_step_kind_once_and_never_recompiles():
-    from torch._dynamo.utils import counters
-
-    runs = {}
-    for compile in (False, True):
-        _, nets, update, batch = build(compile=compile, n_hidden=1)  # every kind of layer, a shorter compile
-        torch.manual_seed(1)
-        graphs = [counters["stats"]["unique_graphs"]]
-        with torch._inductor.config.patch(fallback_random=True):  # the same random numbers as eager
-            for step in range(1, 7):
-                metrics = update(batch, step)
-                graphs.append(counters["stats"]["unique_graphs"])
-        if compile:  # the critic step at step 1, the actor step at step 2, then nothing new
-            assert graphs[0] < graphs[1] < graphs[2] == graphs[6], graphs
-        runs[compile] = nets, metrics
-    (eager_nets, m_eager), (compiled_nets, m_compiled) = runs[False], runs[True]
-    for k in m_eager:
-        torch.testing.assert_close(m_compiled[k], m_eager[k], rtol=1e-4, atol=1e-5)
-    assert_same_networks(compiled_nets, eager_nets, rtol=1e-4, atol=1e-5)
+    runs = compiled_and_eager_updates(lambda compile: build(compile=compile, n_hidden=1))  # every kind of layer
+    graphs = runs[True][2]
+    assert graphs[0] < graphs[1] < graphs[2] == graphs[6], graphs  # the critic step at 1, the actor step at 2
+    assert_compiled_equals_eager(runs)
 
 
 def test_bf16_update_stays_close_to_float32():
@@ -219,10 +196,7 @@ def test_bf16_update_stays_close_to_float32():
         torch.manual_seed(step)
         m16 = bf16(batch, step)
     assert m16["losses/q_mean"].item() != m32["losses/q_mean"].item()  # bf16 really ran
-    for k in ("critic_loss", "q_mean", "actor_loss", "lambda", "bc_mse"):
-        m, ref = m16[f"losses/{k}"], m32[f"losses/{k}"]
-        assert m.dtype == torch.float32
-        assert abs(m.item() - ref.item()) / max(abs(ref.item()), 1e-2) < 0.03, (k, m.item(), ref.item())
+    assert_bf16_close(m16, m32, ("critic_loss", "q_mean", "actor_loss", "lambda", "bc_mse"))
 
 
 # ---- per-domain settings and refused values -------------------------------------------------------------
