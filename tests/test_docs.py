@@ -10,14 +10,11 @@ docs/usage.md, ...) are the shared ones: every algorithm script that exists must
 (sweep.py passes them on) and in a grid file's `flags: all:` line are shared too; `iql: ...` lines are iql.py's."""
 
 import ast
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py")
@@ -166,25 +163,13 @@ def defined_flags(help_text: str) -> set:
 
 @pytest.fixture(scope="module")
 def help_flags() -> dict:
-    """script -> the flags of its --help, every script at once (each starts torch or Ray's imports)."""
-    scripts = [s for s in ALGORITHMS + TOOLS if (ROOT / s).is_file()]
-    env = {"COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TERM": "dumb"}
-    env = {**os.environ, **env}
-    procs = {
-        s: subprocess.Popen(
-            [sys.executable, s, "--help"],
-            cwd=ROOT,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for s in scripts
-    }
+    """script -> the flags of its --help (wide, plain output)."""
+    env = {"COLUMNS": "200", "TERM": "dumb"}
     flags = {}
-    for script, proc in procs.items():
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"python {script} --help failed:\n{out}"
+    for script in [s for s in ALGORITHMS + TOOLS if (ROOT / s).is_file()]:
+        result = run_script(script, "--help", env=env, timeout=120)
+        out = result.stdout + result.stderr
+        assert result.returncode == 0, f"python {script} --help failed:\n{out}"
         flags[script] = defined_flags(out)
         assert "--help" in flags[script] and len(flags[script]) > 1, f"no options read from {script} --help:\n{out}"
     return flags

@@ -248,7 +248,7 @@ def test_fine_tuning_runs_get_an_offline_to_online_table_with_the_regret(tmp_pat
         summary.update(online_steps=200, offline_normalized_score=offline, online={"regret": regret})
         run = tmp_path / "runs" / f"D4RL-door-human-v2__iql__{seed}" / "summary.json"
         run.write_text(json.dumps(summary))
-    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--reps", "500"])
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## Offline → online (fine-tuning runs)" in text
     assert "| door-human-v2 | 50.0 ± 10.0 → 80.0 ± 10.0 (2, regret 0.30) |" in text
