@@ -101,15 +101,16 @@ def inverted_pendulum_random(minari_root) -> str:
     return "local/invertedpendulum/random-v0"
 
 
-def run_script(script: str, *args, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None, isolated=False):
+def run_script(script: str, *args, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
     """Run `python <script> <args>` as a user would; returns a CompletedProcess (exit code, stdout, stderr).
 
     An algorithm script runs in this test's process (`run_in_process`): its `__main__` block, argument parsing,
     messages and exit codes exactly as on the command line, without the ~4 s that a new interpreter spends starting
     and importing torch, gymnasium and minari (most of a small run's time). A real subprocess runs every other tool,
-    a script run from another folder (a copied script), a run with its own PYTHONPATH, and `isolated=True`."""
+    a script run from another folder (a copied script) and a run with its own PYTHONPATH. (Every script also runs as
+    a process of its own in the tests that stop it with a signal, and as a copied script.)"""
     env = env or {}
-    if script in ALGOS and cwd == ROOT and "PYTHONPATH" not in env and not isolated:
+    if script in ALGOS and cwd == ROOT and "PYTHONPATH" not in env:
         return run_in_process(script, args, env)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env}
     return subprocess.run(

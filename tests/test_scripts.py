@@ -1,4 +1,4 @@
-"""What every algorithm script does, run as a user runs it (the end-to-end runs and a copied script in subprocesses),
+"""What every algorithm script does, run as a user runs it (argv, output, exit code; a copied script in a subprocess),
 parametrized over the scripts: end-to-end runs on Box, dict-observation and Adroit datasets, a script copied alone
 keeps its published settings, it learns, its own hyperparameters are checked, and --seed sets what it should. (Resume
 and checkpoints: test_resume.py; the shared block's refusals of bad input, tested on one script: test_bad_input.py.)"""
@@ -28,8 +28,7 @@ def test_end_to_end_run_writes_events_checkpoints_summary_and_videos(algo, datas
 
     dataset_id = request.getfixturevalue(dataset)
     video = [] if dataset == "pointmaze" else ["--capture-video"]
-    flags = [*FAST, *small(algo), *video, "--output", tmp_path]
-    result = run_script(algo, "--env", dataset_id, *flags, isolated=True)  # a new interpreter, as on a command line
+    result = run_script(algo, "--env", dataset_id, *FAST, *small(algo), *video, "--output", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = run_dir_of(tmp_path)
     assert run_dir.name.startswith(f"{dataset_id.replace('/', '-')}__{algo[:-3]}__1__")
