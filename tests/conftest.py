@@ -1,7 +1,7 @@
-"""Shared fixtures: one temporary Minari store for the whole session, with small local datasets built on
-first use, and a helper that runs a script as a user would (argv, exit code, output; the algorithm scripts in the
-test's own process, everything else in a subprocess). Every test runs with
-one torch thread (the suite runs in parallel, one worker per core) and leaves no global state behind."""
+"""Shared fixtures: one temporary Minari store for the whole session, with small local datasets built on first use,
+and a helper that runs a script as a user would (argv, exit code, output; the algorithm scripts in the test's own
+process, everything else in a subprocess). Every test runs with one torch thread (the suite runs in parallel, one
+worker per core) and leaves no global state behind."""
 
 import contextlib
 import copy
@@ -42,20 +42,30 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: the tests of a file keep their order
 
 
+@contextlib.contextmanager
+def process_state_kept():
+    """Whatever the body changes of the process (signal handlers, environment variables, working directory, argv,
+    torch's thread count) is put back afterwards."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    environ, cwd, argv, threads = dict(os.environ), os.getcwd(), sys.argv, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        sys.argv = argv
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def restore_global_state():
-    """Whatever a test changes of the process (signal handlers, environment variables, working directory, torch's
-    thread count) is put back afterwards, so that no test depends on the ones that ran before it in its worker."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    environ, cwd = dict(os.environ), os.getcwd()
+    """No test depends on the ones that ran before it in its worker: what a test changes of the process is put back."""
     torch.set_num_threads(1)  # pytest-xdist runs one worker per core: a second thread per worker only waits
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    os.environ.clear()
-    os.environ.update(environ)
-    os.chdir(cwd)
-    torch.set_num_threads(1)
+    with process_state_kept():
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -108,7 +118,8 @@ def run_script(script: str, *args, cwd: Path = ROOT, timeout: float = 300, env: 
     messages and exit codes exactly as on the command line, without the ~4 s that a new interpreter spends starting
     and importing torch, gymnasium and minari (most of a small run's time). A real subprocess runs every other tool,
     a script run from another folder (a copied script) and a run with its own PYTHONPATH. (Every script also runs as
-    a process of its own in the tests that stop it with a signal, and as a copied script.)"""
+    a process of its own in the tests that stop it with a signal, and as a copied script.) `timeout` bounds a
+    subprocess; an in-process run has none."""
     env = env or {}
     if script in ALGOS and cwd == ROOT and "PYTHONPATH" not in env:
         return run_in_process(script, args, env)
@@ -124,27 +135,18 @@ def run_script(script: str, *args, cwd: Path = ROOT, timeout: float = 300, env: 
 
 
 def run_in_process(script: str, args: tuple, env: dict) -> subprocess.CompletedProcess:
-    """`python <script> <args>` inside this process: the script runs as `__main__` with that argv and environment;
-    its output is captured, SystemExit gives the exit code and an uncaught exception prints its traceback and gives
-    1, as Python would. Whatever the run changes of the process (environment, signal handlers, torch's thread count,
-    the working directory) is put back."""
+    """`python <script> <args>` inside this process, from the repository root: the script runs as `__main__` with that
+    argv and environment; its output is captured, SystemExit gives the exit code and an uncaught exception prints its
+    traceback and gives 1, as Python would. What the run changes of the process is put back."""
     argv = [str(ROOT / script), *map(str, args)]
-    saved_env, saved_argv, threads = dict(os.environ), sys.argv, torch.get_num_threads()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    os.environ.update({"OMP_NUM_THREADS": "1", **env})
-    sys.argv = argv
     stdout, stderr = io.StringIO(), io.StringIO()
-    try:
+    with process_state_kept():
+        os.environ.update({"OMP_NUM_THREADS": "1", **env})
+        os.chdir(ROOT)
+        sys.argv = argv
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore does for a subprocess
             returncode = run_main(argv[0])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        sys.argv = saved_argv
-        torch.set_num_threads(threads)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
 
 

@@ -427,6 +427,11 @@ def test_quickstart_trains_iql_to_a_normalized_score(quickstart):
 
 
 # ---- input errors: exit code 2 and a message --------------------------------------------------------------
+# a --ref-max-score below the random policy's return, under an id no test creates (an existing id is refused first)
+REF_TOO_LOW = ["--env", "Pendulum-v1", "--max-episode-steps", "20", "--ref-max-score", "-1e9"]
+REF_TOO_LOW += ["--dataset-id", "local/unused/never-v0"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -439,19 +444,7 @@ def test_quickstart_trains_iql_to_a_normalized_score(quickstart):
         (["--env", "Pendulum-v1", "--action-noise", "0.1"], "random or replay data has none"),
         (["--env", "Pendulum-v1", "--max-episode-steps", "0"], "max_episode_steps must be > 0"),
         (["--policy", "checkpoint", "--checkpoint", "/nonexistent.pt"], "no such file"),
-        (  # a dataset id no other test creates: the existing-dataset check comes first
-            [
-                "--env",
-                "Pendulum-v1",
-                "--max-episode-steps",
-                "20",
-                "--ref-max-score",
-                "-1e9",
-                "--dataset-id",
-                "x/y/z-v0",
-            ],
-            "must exceed the random",
-        ),
+        (REF_TOO_LOW, "must exceed the random"),
     ],
 )
 def test_input_mistakes_exit_with_code_2_and_say_what_is_wrong(minari_root, capsys, argv, message):
