@@ -39,6 +39,7 @@ import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
+import policy as policy_tool
 from common import BatchedLinear, get_rng_states, seed_everything, set_rng_states, soft_update
 
 with contextlib.redirect_stderr(io.StringIO()):  # registers PointMaze, AntMaze, Adroit, ...; hides its notice
@@ -47,7 +48,6 @@ with contextlib.redirect_stderr(io.StringIO()):  # registers PointMaze, AntMaze,
     gym.register_envs(gymnasium_robotics)
 
 ALGO = "collect-sac"  # the "algo" of the teacher.pt checkpoints this script writes
-ACTOR_ALGOS = ("iql", "cql", "td3_bc", "rebrac", ALGO)  # checkpoints whose actor --policy checkpoint can run
 TRAINING_STATE = "teacher_training.pt"  # what --resume reads; its algo is ALGO + "-training"
 
 
@@ -151,7 +151,7 @@ def hidden_layers(in_dim: int, hidden: int, n_hidden: int, linear=nn.Linear) -> 
 
 class SACActor(nn.Module):
     """pi(a|s) = tanh(N(mean(s), std(s)^2)); acting deterministically: tanh(mean(s)). This layout (trunk, mean,
-    log_std) is what teacher.pt stores and what actor_mean_net rebuilds."""
+    log_std) is what teacher.pt stores and teacher_policy rebuilds."""
 
     LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -332,31 +332,9 @@ def behaviour(env: gym.Env, actor=None, noise: float = 0.0, epsilon: float = 0.0
     return act
 
 
-def actor_mean_net(state: dict) -> nn.Sequential:
-    """An actor's deterministic path, Linear-ReLU-...-Linear, from its state dict alone (no import of an algorithm
-    script): the 2-D `*.weight` entries in order. Entries named *std* and 0-d scalars do not act on the mean, dropout
-    is off when acting; anything else (a LayerNorm, say) would change the actions and is refused. The caller takes
-    tanh of the first act_dim outputs (so a fused [mean, log_std] head works too)."""
-    names = [k[:-7] for k, v in state.items() if k.endswith(".weight") and v.dim() == 2 and "std" not in k]
-    known = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
-    if not names or any(k not in known and "std" not in k and v.dim() > 0 for k, v in state.items()):
-        raise UserError(
-            f"the checkpoint's actor has a layout collect.py cannot rebuild (parameters {list(state)}): it expects "
-            "Linear layers with ReLU between them and a tanh on the output, as the algorithm scripts' actors have "
-            "by default; export the policy with the script's --export and record with the .pt2 file instead"
-        )
-    layers = []
-    for name in names:
-        weight, bias = state[f"{name}.weight"], state.get(f"{name}.bias")
-        if layers and layers[-2].out_features != weight.shape[1]:
-            raise UserError(f"the checkpoint's actor layers do not chain: {name} takes {weight.shape[1]} inputs")
-        layers += [nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None), nn.ReLU()]
-        layers[-2].load_state_dict({"weight": weight} | ({} if bias is None else {"bias": bias}))
-    return nn.Sequential(*layers[:-1]).eval()
-
-
-def load_checkpoint(path: str, names: tuple, algos: tuple, keys: tuple, what: str) -> tuple:
-    """(checkpoint, file): `path` or the first of `names` in it; weights_only=True, so a checkpoint cannot run code."""
+def load_checkpoint(path: str, names: tuple, algos: tuple | None, keys: tuple, what: str) -> tuple:
+    """(checkpoint, file): `path` or the first of `names` in it, of one of `algos` (None: any); weights_only=True, so a
+    checkpoint cannot run code."""
     found = [p for p in (Path(path), *(Path(path) / name for name in names)) if p.is_file()]
     if not found:
         raise UserError(f"{path}: no such file, nor a folder with {' or '.join(names)}; {what} was expected")
@@ -365,7 +343,7 @@ def load_checkpoint(path: str, names: tuple, algos: tuple, keys: tuple, what: st
     except Exception as e:
         error = f"{type(e).__name__}: {str(e)[:200]}"
         raise UserError(f"{found[0]} is not a readable PyTorch checkpoint; truncated or damaged? ({error})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("algo") not in algos or not set(keys) <= set(ckpt):
+    if not isinstance(ckpt, dict) or algos is not None and ckpt.get("algo") not in algos or not set(keys) <= set(ckpt):
         raise UserError(f"{found[0]} is not {what} ({list(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt)})")
     return ckpt, found[0]
 
@@ -389,25 +367,45 @@ def checkpoint_env_spec(ckpt: dict) -> gym.envs.registration.EnvSpec:
     return dataset.recover_environment(eval_env=True).spec
 
 
-def checkpoint_policy(ckpt: dict, env: gym.Env, device):
-    """The checkpoint's deterministic actor, flat observation -> action in [-1, 1], once it is known to fit the env."""
-    norm = {k: v.numpy() for k, v in ckpt["normalization"].items() if isinstance(v, torch.Tensor)}
-    net = actor_mean_net(ckpt["actor"]).to(device)
+def teacher_policy(ckpt: dict, env: gym.Env, device):
+    """A teacher.pt's deterministic actor: flat observation -> tanh(mean(s)) in [-1, 1]."""
     space, obs_dim = env.action_space, gym.spaces.flatdim(env.observation_space)
-    act_dim, low, high = space.shape[0], norm["action_low"], norm["action_high"]
-    fits = net[0].in_features == obs_dim == norm["obs_mean"].size and net[-1].out_features in (act_dim, 2 * act_dim)
-    if not (fits and low.shape == space.shape and np.allclose(low, space.low) and np.allclose(high, space.high)):
+    args = ckpt["args"]
+    actor = SACActor(obs_dim, space.shape[0], args["hidden_dim"], args["n_hidden"])
+    try:
+        actor.load_state_dict(ckpt["actor"])
+    except RuntimeError as e:
         raise UserError(
-            f"the {ckpt['algo']} checkpoint takes observations of size {net[0].in_features} and acts in [{low}, {high}]"
-            f", env {env.spec.id} has {obs_dim} and [{space.low}, {space.high}]: it was trained for another env"
-        )
+            f"the teacher checkpoint does not fit env {env.spec.id} ({str(e)[:200]}): it was trained for another env"
+        ) from None
+    actor = actor.to(device).eval()
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor((obs - norm["obs_mean"]) / norm["obs_std"], dtype=torch.float32, device=device)
-        return torch.tanh(net(x)[..., :act_dim]).cpu().numpy().astype(np.float64)
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        return torch.tanh(actor.mean(actor.trunk(x))).cpu().numpy().astype(np.float64)
 
     return act
+
+
+def script_policy(path: str, env: gym.Env):
+    """An algorithm script's checkpoint, built by policy.py with the script's own networks: raw observation -> env
+    action, as an actor: flat observation -> action in [-1, 1]."""
+    try:
+        module = policy_tool.load_policy(path)[0]
+    except Exception as e:
+        if type(e).__name__ != "UserError":
+            raise
+        raise UserError(str(e)) from None
+    space, obs_dim = env.action_space, gym.spaces.flatdim(env.observation_space)
+    low, high = module.action_low.numpy(), module.action_high.numpy()
+    fits = len(module.obs_mean) == obs_dim and low.shape == space.shape
+    if not (fits and np.allclose(low, space.low) and np.allclose(high, space.high)):
+        raise UserError(
+            f"the checkpoint takes observations of size {len(module.obs_mean)} and acts in [{low}, {high}], env "
+            f"{env.spec.id} has {obs_dim} and [{space.low}, {space.high}]: it was trained for another env"
+        )
+    return env_action_policy(module, space)
 
 
 def exported_policy(path: str, env: gym.Env):
@@ -423,6 +421,12 @@ def exported_policy(path: str, env: gym.Env):
         raise UserError(f"{path} is not a policy exported for env {env.spec.id} ({error})") from e
     if shape != (1, *space.shape):
         raise UserError(f"{path} acts with shape {tuple(shape)[1:]}, env {env.spec.id} with {space.shape}")
+
+    return env_action_policy(policy, space)
+
+
+def env_action_policy(policy, space: gym.spaces.Box):
+    """A module from raw observations to env actions as an actor: flat observation -> action in [-1, 1]."""
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
@@ -676,7 +680,7 @@ def main(argv: list) -> minari.MinariDataset:
         raise UserError(f"{args.checkpoint} is an exported policy: give the env it acts in with --env")
     if args.policy == "checkpoint" and not exported:
         names, what = ("teacher.pt", "checkpoints/last.pt"), "an algorithm script's or collect.py's actor checkpoint"
-        ckpt, ckpt_path = load_checkpoint(args.checkpoint, names, ACTOR_ALGOS, ("actor", "normalization"), what)
+        ckpt, ckpt_path = load_checkpoint(args.checkpoint, names, None, ("actor", "normalization"), what)
     if args.env is None and ckpt is None:
         raise UserError("give the env to record with --env (e.g. --env Pendulum-v1)")
     env = make_env(args.env if args.env is not None else checkpoint_env_spec(ckpt), args.max_episode_steps)
@@ -702,7 +706,8 @@ def main(argv: list) -> minari.MinariDataset:
     # Behaviour policy: the best noise-free actor we have (None = uniform), then the data episodes
     episodes, best, source, data = [], None, "uniform random actions", ""
     if ckpt is not None:
-        best, source = checkpoint_policy(ckpt, env, device), f"{ckpt['algo']} checkpoint {ckpt_path}"
+        actor = teacher_policy(ckpt, env, device) if ckpt["algo"] == ALGO else script_policy(str(ckpt_path), env)
+        best, source = actor, f"{ckpt['algo']} checkpoint {ckpt_path}"
     elif exported:
         best, source = exported_policy(args.checkpoint, env), f"exported policy {args.checkpoint}"
     elif args.policy == "sac":
@@ -710,7 +715,7 @@ def main(argv: list) -> minari.MinariDataset:
         actor, replay = train_teacher(env, args, device, run_dir, argv, state)
         teacher = save_teacher(run_dir, actor, env, dataclasses.replace(args, resume=None), dataset_id, replay)
         STOP.hint = f"Teacher trained: python collect.py --resume {run_dir} records the dataset without training again."
-        best = checkpoint_policy(teacher, env, device)  # acts exactly as a later --policy checkpoint will
+        best = teacher_policy(teacher, env, device)  # acts exactly as a later --policy checkpoint will
         source = f"SAC teacher ({args.teacher_steps} steps, {run_dir / 'teacher.pt'})"
         print(f"{source}: trained in {time.time() - t0:.0f} s")
         kinds = {"replay": ["its complete training episodes"], "final": ["rollouts of its final policy"]}

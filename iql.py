@@ -6,8 +6,9 @@ policy is extracted with advantage-weighted regression (AWR).
 Paper: "Offline Reinforcement Learning with Implicit Q-Learning", Ilya Kostrikov, Ashvin Nair, Sergey Levine,
 ICLR 2022, arXiv:2110.06169. Docs: docs/iql.md.
 
-Read on: the algorithm (Args, checks, per-domain settings, networks, losses, the update step), then the shared block
-that every algorithm script holds word for word (data, evaluation, configuration, checkpoints, the training loop).
+Read on: the algorithm (its hyperparameters, checks and settings tables, networks, losses, the update step), then the
+training loop, then the rest of the shared block that every algorithm script holds word for word (data, evaluation,
+configuration, checkpoints).
 """
 
 import copy
@@ -15,7 +16,6 @@ import dataclasses
 import difflib
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -45,30 +45,6 @@ NEEDS_NEXT_ACTION = False  # IQL's batches need no next action: every transition
 
 @dataclasses.dataclass
 class Args:
-    # -------- SHARED BLOCK (args) begins: the same in every algorithm script --------
-    env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
-    seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
-    total_steps: int = 1_000_000  # number of gradient steps
-    batch_size: int = 256  # transitions per gradient step
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to train; auto picks cuda, then mps, then cpu
-    config: str | None = None  # YAML of overrides (keys: these fields), applied after the per-domain settings
-    eval_every: int = 5000  # evaluate the policy every this many steps (and at the end)
-    eval_episodes: int = 10  # episodes per evaluation, run in parallel; 0: train without an environment
-    log_every: int = 1000  # log losses to TensorBoard every this many steps (the only host syncs in training)
-    checkpoint_every: int = 50_000  # write checkpoints/step_<N>.pt and last.pt every this many steps (and at the end)
-    keep_checkpoints: int = 3  # how many step_<N>.pt files to keep (last.pt is always kept)
-    output: str = "runs"  # parent folder of the run folder
-    run_name: str | None = None  # name of the run folder inside --output; default <env>__<algo>__<seed>__<unix time>
-    resume: str | None = None  # continue a run: its folder or a checkpoint file (only --device may be given with it)
-    track: bool = False  # log to Weights & Biases (pip install wandb); project: $WANDB_PROJECT
-    capture_video: bool = False  # save a GIF of one evaluation episode to <run>/videos/ (MuJoCo: MUJOCO_GL=egl)
-    compile: bool = False  # torch.compile the update step
-    bf16: bool = False  # bfloat16 autocast of the hidden layers; output layers, losses, weights, optimizer stay float32
-    online_steps: int = 0  # then fine-tune online for this many env steps, one gradient step each (docs/finetuning.md)
-    evaluate: str | None = None  # evaluate a run folder or checkpoint on --eval-episodes (default 100) episodes, exit
-    export: str | None = None  # with --evaluate: write its policy to this .pt2 file (torch.export; .onnx too if onnx)
-    # -------- SHARED BLOCK (args) ends --------
-
     # Algorithm hyperparameters (defaults: the official code's MuJoCo locomotion settings)
     discount: float = 0.99  # discount factor gamma
     tau: float = 0.005  # Polyak averaging rate of the target critics
@@ -90,6 +66,28 @@ class Args:
     reward_scale: float = 1.0  # rewards become r * reward_scale + reward_bias (after normalize_reward)
     reward_bias: float = 0.0  # AntMaze: -1, so that the 0/1 goal reward becomes -1/0
     mixing_ratio: float | None = None  # offline share of each online batch; None: uniform (official train_finetune.py)
+
+    # -------- SHARED BLOCK (args) begins: the same in every algorithm script --------
+    env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
+    seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
+    total_steps: int = 1_000_000  # number of gradient steps
+    batch_size: int = 256  # transitions per gradient step
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to train; auto picks cuda, then mps, then cpu
+    config: str | None = None  # YAML of overrides (keys: these fields), applied after the per-domain settings
+    eval_every: int = 5000  # evaluate the policy every this many steps (and at the end)
+    eval_episodes: int = 10  # episodes per evaluation, run in parallel; 0: train without an environment
+    log_every: int = 1000  # log losses to TensorBoard every this many steps (the only host syncs in training)
+    checkpoint_every: int = 50_000  # write checkpoints/step_<N>.pt and last.pt every this many steps (and at the end)
+    keep_checkpoints: int = 3  # how many step_<N>.pt files to keep (last.pt is always kept)
+    output: str = "runs"  # parent folder of the run folder
+    run_name: str | None = None  # name of the run folder inside --output; default <env>__<algo>__<seed>__<unix time>
+    resume: str | None = None  # continue a run: its folder or a checkpoint file (only --device may be given with it)
+    track: bool = False  # log to Weights & Biases (pip install wandb); project: $WANDB_PROJECT
+    capture_video: bool = False  # save a GIF of one evaluation episode to <run>/videos/ (MuJoCo: MUJOCO_GL=egl)
+    compile: bool = False  # torch.compile the update step
+    bf16: bool = False  # bfloat16 autocast of the hidden layers; output layers, losses, weights, optimizer stay float32
+    online_steps: int = 0  # then fine-tune online for this many env steps, one gradient step each (docs/finetuning.md)
+    # -------- SHARED BLOCK (args) ends --------
 
 
 def check_args(args: Args) -> list:
@@ -297,19 +295,253 @@ def explore(nets: dict, obs: torch.Tensor, args: Args) -> torch.Tensor:
     return (mean + std * torch.randn_like(mean)).clamp(-1.0, 1.0)
 
 
+# ======== SHARED BLOCK (loop) begins ========
+# The training loop and the rest of the shared block (after the algorithm) are the same text in every algorithm
+# script: edit them in iql.py, then `python tools/shared_block.py --fix` copies them. They use these names of the
+# algorithm part: ALGO, NEEDS_NEXT_ACTION (batches carry the episode's next action), Args (with discount,
+# normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio), check_args, DOMAIN_SETTINGS,
+# DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; its "actor" maps standardized states to
+# actions in [-1, 1]), make_optimizers (a dict of objects with a state_dict; "actor_opt" is the actor's), make_update
+# (update(batch, step) -> a dict of detached tensors) and explore (the online behaviour policy).
+def train(args: Args, ckpt: dict | None = None) -> None:
+    """Sample a batch, update, log, evaluate, checkpoint. The online steps after total_steps first act once in the
+    environment with explore(), then draw batches from the offline and the online transitions."""
+    run = Run(args, ckpt)  # data, networks, optimizers, envs, run folder; as the checkpoint left them on --resume
+    args = run.args  # a dataset without an environment: no evaluation
+    update = make_update(run.nets, run.opts, args)
+    for step in range(run.step + 1, args.total_steps + args.online_steps + 1):
+        if step <= args.total_steps:
+            batch = run.buffer.sample(args.batch_size)
+        else:
+            run.online_step(step)
+            batch = run.buffer.sample(args.batch_size, args.mixing_ratio)
+        metrics = update(batch, step)
+
+        phase_ends = step in (args.total_steps, args.total_steps + args.online_steps)
+        checkpoint_now = step % args.checkpoint_every == 0 or phase_ends or run.stop
+        if step % args.log_every == 0 or checkpoint_now:
+            run.log(step, metrics)  # the only host sync of training
+        if args.eval_episodes and (step % args.eval_every == 0 or phase_ends):
+            run.evaluate(step)
+        if checkpoint_now:
+            run.checkpoint(step)
+        if run.stop:
+            break
+    run.close()
+
+
+# ======== SHARED BLOCK (loop) ends ========
+
+
 # ======== SHARED BLOCK begins ========
-# The same text in every algorithm script: edit it in iql.py, then `python tools/shared_block.py --fix` copies it.
-# The algorithm reaches it through the names every script defines: Args, check_args, NEEDS_NEXT_ACTION, the settings
-# tables (DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS), make_networks, make_optimizers, make_update, explore.
-
-
-# -------- Data: dataset names, Minari loading --------
 class UserError(Exception):
     """A mistake in the input: printed as one paragraph, exit code 2, no traceback."""
 
 
-# D4RL-style names "<task>-<kind>-v<version>" and the Minari ids they stand for, by domain (the keys of the
-# per-domain settings). A Minari id given as it is (anything with a '/') takes the domain of its namespace/task.
+# -------- The run: set up, log, evaluate, checkpoint --------
+class Run:
+    """What the training loop works with, set up from the arguments, or from a checkpoint to resume."""
+
+    def __init__(self, args: Args, ckpt: dict | None):
+        self.device = pick_device(args.device)
+        common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
+        self.dataset = load_dataset(resolve_dataset_name(args.env)[0])
+        if ckpt is not None:
+            check_dataset(self.dataset, ckpt, "--resume")
+        args = check_environment(self.dataset, args)
+        self.args = args
+        self.buffer, self.stats = load_buffer(self.dataset, args, self.device)
+        obs_dim, act_dim = self.buffer.obs.shape[1], len(self.stats["action_low"])
+        print(f"{self.dataset.id}: {self.buffer.n_steps} transitions, {self.dataset.total_episodes} episodes")
+        self.envs = make_eval_envs(self.dataset, args.eval_episodes, obs_dim, act_dim) if args.eval_episodes else None
+        self.run_dir = make_run_dir(args)
+        self.nets = {name: net.to(self.device) for name, net in make_networks(args, obs_dim, act_dim).items()}
+        self.opts = make_optimizers(self.nets, args)
+        self.policy = numpy_policy(Policy(self.nets["actor"], self.stats).to(self.device), self.device)
+        self.step, self.history, self.clock, self.online = 0, [], {"wall": 0.0, "train_seconds": 0.0}, None
+        if ckpt is not None:
+            for name, obj in {**self.nets, **self.opts}.items():
+                obj.load_state_dict(ckpt[name])
+            common.set_rng_states(ckpt["rng"], self.buffer.generator)
+            self.step, self.history, self.clock = ckpt["step"], ckpt["eval_history"], ckpt["clock"]
+            if ckpt["online"] is not None:
+                self.online = OnlinePhase(self.dataset, self.buffer, self.stats, args, self.device, ckpt["online"])
+            print(f"resumed {self.run_dir} at step {self.step}")
+        if args.track:
+            import wandb
+
+            config = dataclasses.asdict(args)
+            project = os.environ.get("WANDB_PROJECT", "single-file-offline-rl")
+            name = self.run_dir.name
+            wandb.init(project=project, name=name, id=name, config=config, sync_tensorboard=True, resume="allow")
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.step else None)
+        self.stop = []  # signals received: finish the step, checkpoint, exit
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self.stop.append(signum))
+        self.started = time.time() - self.clock["wall"]
+        self.window = {"since": time.time(), "step": self.step}  # SPS counts training time only
+        self.progress = tqdm(initial=self.step, total=args.total_steps + args.online_steps)
+
+    def online_step(self, step: int) -> None:
+        if self.online is None:
+            self.online = OnlinePhase(self.dataset, self.buffer, self.stats, self.args, self.device, None)
+        episode = self.online.step(self.nets)
+        if episode is not None:
+            self.writer.add_scalar("online/episode_return", episode["return"], step)
+            self.writer.add_scalar("online/episode_length", episode["length"], step)
+            if episode["success"] is not None:
+                self.writer.add_scalar("online/success", episode["success"], step)
+                self.writer.add_scalar("online/regret", self.online.summary()["regret"], step)
+
+    def log(self, step: int, metrics: dict) -> None:
+        values = {name: value.item() for name, value in metrics.items()}
+        check_finite(values, self.window["step"], step)
+        seconds = time.time() - self.window["since"]
+        self.clock["train_seconds"] += seconds
+        values["charts/SPS"] = (step - self.window["step"]) / max(seconds, 1e-9)
+        values["charts/learning_rate"] = float(self.opts["actor_opt"].param_groups[0]["lr"])
+        if self.online is not None:
+            values["charts/env_steps"] = self.online.summary()["env_steps"]
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.progress.update(step - self.progress.n)
+        self.progress.set_postfix(sps=f"{values['charts/SPS']:.0f}")
+        self.window = {"since": time.time(), "step": step}
+
+    def evaluate(self, step: int) -> None:
+        started = time.time()
+        self.nets["actor"].eval()
+        seeds = evaluation_seeds(self.args.seed, step, self.args.eval_episodes)
+        returns, lengths, success = evaluate(self.envs, self.policy, seeds)
+        scores = normalized_scores(self.dataset, returns)
+        result = {"step": step, "return": float(returns.mean()), "return_std": float(returns.std())}
+        result["length"] = float(lengths.mean())
+        result["normalized_score"] = None if scores is None else float(scores.mean())
+        result["success"] = None if success is None else float(success.mean())
+        for tag in ("return", "length", "normalized_score", "success"):
+            if result[tag] is not None:
+                self.writer.add_scalar(f"eval/{tag}", result[tag], step)
+        if self.args.capture_video:
+            problem = record_video(self.dataset, self.policy, seeds[0], self.run_dir / "videos" / f"step_{step}.gif")
+            if problem:
+                tqdm.write(problem)
+                self.args.capture_video = False
+        self.nets["actor"].train()
+        result["seconds"] = round(time.time() - started, 3)
+        self.history.append(result)
+        self.window["since"] += time.time() - started
+
+    def checkpoint(self, step: int) -> None:
+        started = time.time()
+        self.step = step
+        self.clock["wall"] = time.time() - self.started
+        state = {name: obj.state_dict() for name, obj in {**self.nets, **self.opts}.items()}
+        state.update(algo=ALGO, minari_id=self.dataset.id, dataset=dataset_fingerprint(self.dataset), step=step)
+        state.update(args=dataclasses.asdict(self.args), clock=self.clock, normalization=self.stats)
+        state.update(eval_history=self.history, rng=common.get_rng_states(self.buffer.generator))
+        state.update(online=None if self.online is None else self.online.state())
+        common.save_checkpoint(self.run_dir, state, step, self.args.keep_checkpoints)
+        write_summary(self)
+        self.window["since"] += time.time() - started
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+        if self.stop:
+            print(
+                f"interrupted at step {self.step}; checkpoint saved. Resume: python {ALGO}.py --resume {self.run_dir}"
+            )
+            sys.exit(128 + self.stop[0])
+        last = self.history[-1] if self.history else None
+        print(f"done: {self.run_dir} (final score {None if last is None else last['normalized_score']})")
+
+
+def pick_device(name: str) -> torch.device:
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name != "auto" and not available[name]:
+        raise UserError(f"--device {name} was asked for but is not available on this machine")
+    return torch.device(name if name != "auto" else next(kind for kind in available if available[kind]))
+
+
+def check_environment(dataset: minari.MinariDataset, args: Args) -> Args:
+    """A dataset recorded without an environment trains without evaluation, and cannot fine-tune online."""
+    if dataset.env_spec is not None or dataset.storage.metadata.get("eval_env_spec") is not None:
+        return args
+    if args.online_steps:
+        raise UserError(f"dataset {dataset.id} has no environment to fine-tune in: --online-steps needs one")
+    if args.eval_episodes:
+        print(f"dataset {dataset.id} has no environment: training without evaluation (--eval-episodes 0)")
+    return dataclasses.replace(args, eval_episodes=0, capture_video=False)
+
+
+def make_run_dir(args: Args) -> Path:
+    """<output>/<env>__<algo>__<seed>__<unix time> (or --run-name) with args.yaml; a resumed run keeps its folder."""
+    if args.resume:
+        return Path(args.resume)
+    name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output) / name
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from e
+    return run_dir
+
+
+def check_finite(values: dict, since: int, step: int) -> None:
+    """A NaN or infinite loss stops the run before a checkpoint is written."""
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(
+            f"{', '.join(bad)} became non-finite between steps {since} and {step}: the data was checked when "
+            "loaded, so the optimization diverged. Lower the learning rates, or add LayerNorm to the critics."
+        )
+
+
+def write_summary(run: Run) -> None:
+    """summary.json, what sweep.py and report.py read (docs/usage.md), replaced atomically at every checkpoint."""
+    args, history, dataset = run.args, run.history, run.dataset
+    scores = [h["normalized_score"] for h in history if h["normalized_score"] is not None]
+    returns = [h["return"] for h in history]
+    offline = [h for h in history if h["step"] == args.total_steps and args.online_steps]
+    packages = ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")
+    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
+    summary = {
+        "algo": ALGO,
+        "env": args.env,
+        "minari_id": dataset.id,
+        "domain": resolve_dataset_name(dataset.id)[1],
+        "seed": args.seed,
+        "steps": run.step,
+        "total_steps": args.total_steps,
+        "online_steps": args.online_steps,
+        "completed": run.step == args.total_steps + args.online_steps,
+        "eval_episodes": args.eval_episodes,
+        "wall_seconds": round(run.clock["wall"], 2),
+        "sps": round(run.step / max(run.clock["train_seconds"], 1e-9), 2),
+        "final_return": returns[-1] if returns else None,
+        "best_return": max(returns, default=None),
+        "final_normalized_score": scores[-1] if scores else None,
+        "best_normalized_score": max(scores, default=None),
+        "offline_return": offline[0]["return"] if offline else None,
+        "offline_normalized_score": offline[0]["normalized_score"] if offline else None,
+        "online": None if run.online is None else run.online.summary(),
+        "ref_min_score": dataset.storage.metadata.get("ref_min_score"),
+        "ref_max_score": dataset.storage.metadata.get("ref_max_score"),
+        "versions": {name: importlib.metadata.version(name) for name in packages},
+        "git_commit": subprocess.run(git, capture_output=True, text=True).stdout.strip() or None,
+        "args": dataclasses.asdict(args),
+        "eval_history": history,
+    }
+    (run.run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
+    os.replace(run.run_dir / "summary.json.tmp", run.run_dir / "summary.json")
+
+
+# -------- Data: dataset names, Minari loading --------
+# D4RL-style names "<task>-<kind>-v<version>" and the Minari ids they stand for, by domain (the keys of the settings
+# tables). A Minari id given as it is (anything with a '/') takes the domain of its namespace/task.
 DATASET_NAMES = {
     # domain: (tasks, kinds, versions of the D4RL-style name, Minari id)
     "adroit": ("pen door hammer relocate", "human cloned expert", "0 1 2", "D4RL/{task}/{kind}-v2"),
@@ -336,13 +568,13 @@ def dataset_names() -> dict:
 
 
 def resolve_dataset_name(name: str) -> tuple:
-    """(Minari id, domain) of a D4RL-style name (door-human-v2) or of a Minari id (containing '/')."""
+    """(Minari id, domain) of a D4RL-style name or of a Minari id."""
     names = dataset_names()
     if name in names:
         return names[name]
     if "/" in name:
         for minari_id, domain in names.values():
-            if minari_id.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]:  # the same namespace/task
+            if minari_id.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]:
                 return name, domain
         return name, "other"
     task = name.split("-")[0]
@@ -358,7 +590,7 @@ def resolve_dataset_name(name: str) -> tuple:
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
-    """The local copy if there is one, else a download; clear errors otherwise."""
+    """The local copy if there is one, else a download."""
     try:
         minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
     except ValueError:
@@ -369,7 +601,7 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
     local = Path(minari.storage.get_dataset_path(dataset_id))
     try:
         dataset = minari.load_dataset(dataset_id, download=True)
-        next(dataset.iterate_episodes(), None)  # opens main_data.hdf5: a truncated copy fails here, not in training
+        next(dataset.iterate_episodes(), None)  # a truncated copy fails here, not in training
         return dataset
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:200]}"
@@ -384,20 +616,9 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
         ) from e
 
 
-def tuned_settings(name: str, online: bool) -> dict:
-    """The published settings for a dataset: its domain's row of DOMAIN_SETTINGS, its own row of DATASET_SETTINGS,
-    then, for a run that fine-tunes online, FINETUNE_SETTINGS' "all" row and its domain's row."""
-    minari_id, domain = resolve_dataset_name(name)
-    settings = {**DOMAIN_SETTINGS.get(domain, {}), **DATASET_SETTINGS.get(minari_id, {})}
-    if online:
-        settings.update(FINETUNE_SETTINGS.get("all", {}))
-        settings.update(FINETUNE_SETTINGS.get(domain, {}))
-    return settings
-
-
 def dataset_fingerprint(dataset: minari.MinariDataset) -> dict:
-    """Episodes, steps and a digest of the first, middle and last episodes: cheap, and enough to tell a dataset
-    re-recorded or re-downloaded under the same id from the one a checkpoint was trained on."""
+    """Episodes, steps and a digest of the first, middle and last episodes: tells a dataset re-recorded under the
+    same id from the one a checkpoint was trained on."""
     digest = hashlib.blake2b(digest_size=8)
     last = dataset.total_episodes - 1
     for episode in dataset.iterate_episodes(sorted({0, last // 2, last}) if last >= 0 else []):
@@ -406,12 +627,11 @@ def dataset_fingerprint(dataset: minari.MinariDataset) -> dict:
     return {"episodes": dataset.total_episodes, "steps": dataset.total_steps, "digest": digest.hexdigest()}
 
 
-def check_dataset(dataset: minari.MinariDataset, ckpt: dict, flag: str) -> None:
-    """A checkpoint only goes on with (or is evaluated on) the data it was trained on."""
+def check_dataset(dataset: minari.MinariDataset, ckpt: dict, what: str) -> None:
     now = dataset_fingerprint(dataset)
     if ckpt.get("dataset", now) != now:
         raise UserError(
-            f"{flag}: the dataset {dataset.id} is not the one this checkpoint was trained on (then: {ckpt['dataset']}; "
+            f"{what}: the dataset {dataset.id} is not the one this checkpoint was trained on (then: {ckpt['dataset']}; "
             f"now: {now}): it was re-recorded or re-downloaded under the same id. Use the original copy, or start a "
             "new run."
         )
@@ -429,25 +649,24 @@ def flatten(space: gym.Space, obs) -> np.ndarray:
 
 @dataclasses.dataclass
 class Buffer:
-    """Every transition on the device, each observation stored once: an episode's T + 1 observations are consecutive
-    rows of `obs`; transition i is s = obs[rows[0, i]], s' = obs[rows[1, i]] (the next row), steps[i] = (a, r, done,
-    return-to-go), and the episode's next transition is i + 1. Batches are drawn from `index`: the offline transitions
-    first, then the online ones, each online episode's when it ends (its returns-to-go are known then)."""
+    """Every transition on the device. An episode's T + 1 observations are consecutive rows of `obs`; transition i
+    is s = obs[rows[0, i]], s' = obs[rows[1, i]], steps[i] = (a, r, done, return-to-go), and the episode's next
+    transition is i + 1. Batches come from index[:n_index]: the offline transitions, then each online episode's
+    once it has ended (its returns-to-go are known then)."""
 
-    obs: torch.Tensor  # (rows, obs_dim), standardized; room for the online phase's observations
-    steps: torch.Tensor  # (capacity + 1, act_dim + 3): action in [-1, 1], transformed reward, termination, return-to-go
-    rows: torch.Tensor  # (2, capacity) int64: rows of s and s'
-    index: torch.Tensor  # (capacity,) int64: the transitions that batches are drawn from
+    obs: torch.Tensor  # (rows, obs_dim), standardized, with room for the online phase
+    steps: torch.Tensor  # (capacity + 1, act_dim + 3): action in [-1, 1], transformed reward, done, return-to-go
+    rows: torch.Tensor  # (2, capacity): rows of s and s'
+    index: torch.Tensor  # (capacity,): the transitions batches are drawn from
     generator: torch.Generator
-    n_offline: int  # index[:n_offline]: offline transitions
-    n_index: int  # index[:n_index]: every transition that may be sampled
-    n_steps: int  # transitions stored (online ones from steps[n_offline_steps] on)
-    n_obs: int  # observation rows used
+    n_offline: int
+    n_index: int
+    n_steps: int
+    n_obs: int
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
-        """Transitions drawn uniformly from the sampleable ones; with offline_share (once there is online data), that
-        share of them from the offline transitions and the rest from the online ones."""
+        """Uniform over the sampleable transitions; with offline_share, that share from the offline ones."""
         draw = dict(device=self.obs.device, generator=self.generator)
         if offline_share is None or self.n_index == self.n_offline:
             return self.index[torch.randint(self.n_index, (batch_size,), **draw)]
@@ -458,7 +677,7 @@ class Buffer:
 
     def sample(self, batch_size: int, offline_share: float | None = None) -> dict:
         i = self.draw(batch_size, offline_share)
-        obs, next_obs = self.obs[self.rows[:, i]]  # (2, B, obs_dim): s and s' in one gather
+        obs, next_obs = self.obs[self.rows[:, i]]
         steps = self.steps[i]
         act_dim = steps.shape[1] - 3
         return {
@@ -468,17 +687,15 @@ class Buffer:
             "next_obs": next_obs,
             "dones": steps[:, -2],
             "returns_to_go": steps[:, -1],
-            "next_actions": self.steps[i + 1, :act_dim],  # the episode's next action (meaningless where it ended)
+            "next_actions": self.steps[i + 1, :act_dim],  # meaningless where the episode ended
         }
 
     def start_episode(self, obs: torch.Tensor) -> None:
-        """The first observation of an online episode (standardized)."""
         self.obs[self.n_obs] = obs
         self.n_obs += 1
         self.episode_start = self.n_steps
 
     def add(self, action: torch.Tensor, reward: float, terminated: bool, next_obs: torch.Tensor) -> None:
-        """One online transition, from the last observation stored to next_obs (transformed reward, standardized)."""
         i = self.n_steps
         self.steps[i, :-3] = action
         self.steps[i, -3:] = torch.tensor([reward, float(terminated), 0.0])
@@ -488,8 +705,8 @@ class Buffer:
         self.n_steps += 1
 
     def end_episode(self, terminated: bool, discount: float, failure_reward: float | None) -> None:
-        """The online episode's transitions become sampleable, with their returns-to-go; without a termination its
-        last one has no next action, and is left out where the algorithm needs one."""
+        """The online episode's transitions become sampleable, with their returns-to-go; a cut-off episode's last
+        transition has no next action."""
         first, end = self.episode_start, self.n_steps
         rewards = self.steps[first:end, -3].cpu().numpy()
         self.steps[first:end, -1] = torch.from_numpy(returns_to_go(rewards, [end - first], discount, failure_reward))
@@ -500,7 +717,6 @@ class Buffer:
         self.episode_start = self.n_steps
 
     def online_state(self, offline_steps: int, offline_rows: int) -> dict:
-        """What the online phase added, for the checkpoint."""
         return {
             "obs": self.obs[offline_rows : self.n_obs].cpu(),
             "steps": self.steps[offline_steps : self.n_steps].cpu(),
@@ -521,9 +737,8 @@ class Buffer:
 
 
 def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device) -> tuple:
-    """Read every episode straight into preallocated float32 tensors (host memory peaks near the buffer's own
-    size), refuse non-finite values, transform rewards, scale actions and standardize states in place; leave room
-    for args.online_steps more transitions."""
+    """(buffer, statistics): every episode read into preallocated tensors, checked for non-finite values, rewards
+    transformed, actions scaled to [-1, 1] and states standardized in place; room for args.online_steps more."""
     space = dataset.action_space
     if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
         raise UserError(
@@ -534,19 +749,19 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     low = space.low.astype(np.float32).ravel()
     high = space.high.astype(np.float32).ravel()
     n = dataset.total_steps
+    n_offline_rows = n + dataset.total_episodes
     capacity = n + args.online_steps
-    # each online step adds one observation, each online episode one more (its first): at most 2 per step, and 1
-    n_rows = n + dataset.total_episodes + (2 * args.online_steps + 1 if args.online_steps else 0)
-    # Allocated by torch, filled through numpy views (numpy's huge-page allocation made the first fill 4x slower)
+    # an online step adds one observation, an online episode one more (its first): at most 2 per step, and 1
+    n_rows = n_offline_rows + (2 * args.online_steps + 1 if args.online_steps else 0)
+    # allocated by torch, filled through numpy views (numpy's huge-page allocation made the first fill 4x slower)
     obs_tensor = torch.empty(n_rows, gym.spaces.flatdim(dataset.observation_space))
     steps_tensor = torch.zeros(capacity + 1, len(low) + 3)
     rows_tensor = torch.zeros(2, capacity, dtype=torch.int64)
     index_tensor = torch.zeros(capacity, dtype=torch.int64)
     obs, steps, rows = obs_tensor.numpy(), steps_tensor.numpy(), rows_tensor.numpy()
-    sums = np.zeros((2, obs.shape[1]))  # sums of s and of s^2 (float64), for the mean and std
     returns, lengths = [], []
-    sampled = np.ones(n, bool)  # the transitions batches may be drawn from
-    t = 0  # transitions read so far; episode k's T + 1 observations start at row t + k
+    sampled = np.ones(n, bool)
+    t = 0  # transitions so far; episode k's observations start at row t + k
     for k, episode in enumerate(dataset.iterate_episodes()):
         T = len(episode.rewards)
         x = obs[t + k : t + k + T + 1]
@@ -554,15 +769,13 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
         steps[t : t + T, :-3] = np.reshape(episode.actions, (T, -1))
         steps[t : t + T, -3] = episode.rewards
         steps[t : t + T, -2] = episode.terminations
-        sums[0] += x.sum(0, dtype=float)
-        sums[1] += np.einsum("ij,ij->j", x, x, dtype=float)  # the squares without a temporary array
-        if not np.isfinite(sums).all() or not np.isfinite(steps[t : t + T]).all():
-            bad = "observations" if not np.isfinite(sums).all() else "actions or rewards"
+        if not np.isfinite(x).all() or not np.isfinite(steps[t : t + T]).all():
+            bad = "observations" if not np.isfinite(x).all() else "actions or rewards"
             raise UserError(
                 f"dataset {dataset.id}: episode {episode.id} has non-finite (NaN/inf) {bad}; repair it or leave it "
                 "out (minari's filter_episodes) before training."
             )
-        steps[t : t + T, :-3] = scale_actions(steps[t : t + T, :-3], low, high)  # after the check: inf would clip
+        steps[t : t + T, :-3] = scale_actions(steps[t : t + T, :-3], low, high)
         rows[0, t : t + T] = np.arange(t + k, t + k + T)
         if NEEDS_NEXT_ACTION and not episode.terminations[-1]:  # a time limit: the last step has no next action
             sampled[t + T - 1] = False
@@ -577,33 +790,30 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     steps[:n, -1] = returns_to_go(steps[:n, -3], lengths, args.discount, failure_reward)
     n_index = int(sampled.sum())
     index_tensor[:n_index] = torch.from_numpy(np.flatnonzero(sampled))
-    stats = {"action_low": torch.from_numpy(low), "action_high": torch.from_numpy(high)}
-    stats.update(reward_scale=reward_scale, reward_bias=reward_bias, failure_reward=failure_reward)
-    mean = sums[0] / (n + dataset.total_episodes)
-    std = np.sqrt(np.maximum(sums[1] / (n + dataset.total_episodes) - mean**2, 0.0)) + 1e-3
+    offline = obs_tensor[:n_offline_rows]
+    var, mean = torch.var_mean(offline, dim=0, correction=0)
+    stats = {"obs_mean": mean, "obs_std": var.sqrt() + 1e-3}
     if not args.normalize_states:
-        mean, std = np.zeros_like(mean), np.ones_like(std)
-    stats["obs_mean"] = torch.tensor(mean, dtype=torch.float32)
-    stats["obs_std"] = torch.tensor(std, dtype=torch.float32)
-    # (s - mean) / std as s * (1 / std) - mean / std, in one pass over the dataset's rows
-    offline_rows = obs_tensor[: n + dataset.total_episodes]
-    torch.addcmul(-stats["obs_mean"] / stats["obs_std"], offline_rows, 1 / stats["obs_std"], out=offline_rows)
+        stats = {"obs_mean": torch.zeros_like(mean), "obs_std": torch.ones_like(mean)}
+    stats.update(action_low=torch.from_numpy(low), action_high=torch.from_numpy(high))
+    stats.update(reward_scale=reward_scale, reward_bias=reward_bias, failure_reward=failure_reward)
+    # (s - mean) / std as s * (1 / std) - mean / std, in place
+    torch.addcmul(-stats["obs_mean"] / stats["obs_std"], offline, 1 / stats["obs_std"], out=offline)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
-    return Buffer(*tensors, generator, n_index, n_index, n, n + dataset.total_episodes), stats
+    return Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows), stats
 
 
 def returns_to_go(rewards: np.ndarray, lengths: list, discount: float, failure_reward: float | None) -> np.ndarray:
-    """G_t = r_t + discount * G_(t+1) within each episode (the rewards of consecutive episodes of these lengths), no
-    bootstrap at its end: Cal-QL's Monte-Carlo lower bound. Its rule for sparse rewards: an episode whose every reward
-    is the failure reward (never reached the goal) is treated as endless, G = failure_reward / (1 - discount)."""
+    """G_t = r_t + discount * G_(t+1) within each of the consecutive episodes of these lengths (Cal-QL's Monte-Carlo
+    bound). An episode whose every reward is the failure reward counts as endless: G = failure_reward / (1 - gamma)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     ends = np.cumsum(lengths)
     to_end = np.repeat(ends, lengths) - 1 - np.arange(len(rewards))  # steps left in the episode after t
     order = np.argsort(to_end, kind="stable")
     bounds = np.searchsorted(to_end[order], np.arange(max(lengths, default=0) + 1))
     g = rewards.copy()
-    for k in range(1, len(bounds) - 1):  # backwards through every episode at once: all t with k steps left
+    for k in range(1, len(bounds) - 1):  # every episode at once, backwards: all t with k steps left
         t = order[bounds[k] : bounds[k + 1]]
         g[t] += discount * g[t + 1]
     if failure_reward is not None:
@@ -613,8 +823,8 @@ def returns_to_go(rewards: np.ndarray, lengths: list, discount: float, failure_r
 
 
 def reward_transform(episode_returns: np.ndarray, args: Args) -> tuple:
-    """(scale, bias) of r -> r * scale + bias: reward_scale and reward_bias, the scale times 1000 / (max - min
-    episode return) with normalize_reward (the official IQL locomotion rule)."""
+    """(scale, bias) of r -> r * scale + bias; with normalize_reward the scale also holds 1000 / (max - min episode
+    return), the official IQL locomotion rule."""
     if not args.normalize_reward:
         return args.reward_scale, args.reward_bias
     spread = episode_returns.max() - episode_returns.min()
@@ -625,20 +835,30 @@ def reward_transform(episode_returns: np.ndarray, args: Args) -> tuple:
 
 
 def scale_actions(actions, low, high):
-    """Map env actions affinely from [low, high] to [-1, 1], where the tanh actors live; clip to +-(1 - 1e-5)
-    like the official IQL code, so log-likelihoods of boundary actions stay finite."""
+    """[low, high] -> [-1, 1], clipped to +-(1 - 1e-5) so that the log-likelihood of a boundary action stays finite."""
     return np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1 + 1e-5, 1 - 1e-5)
 
 
 # -------- Evaluation: vectorized envs, deterministic actions, Minari normalized score --------
 def make_eval_env(dataset: minari.MinariDataset, **kwargs) -> gym.Env:
-    """The dataset's own evaluation env (its episode limit, not gym.make's), observations flattened (Dict spaces)."""
+    """The dataset's own evaluation env (its episode limit, not gym.make's), observations flattened."""
     return gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True, **kwargs))
 
 
+def make_eval_envs(dataset: minari.MinariDataset, n: int, obs_dim: int, act_dim: int) -> gym.vector.VectorEnv:
+    envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * n)
+    env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
+    if env_sizes != (obs_dim, act_dim):
+        raise UserError(
+            f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, the dataset "
+            f"{(obs_dim, act_dim)}: they do not match"
+        )
+    return envs
+
+
 class Policy(nn.Module):
-    """The deterministic policy as the environment sees it: a raw (flattened) observation in, an action within the
-    env's bounds out; the observation standardization and the action rescaling inside (what --export writes)."""
+    """The deterministic policy as the env sees it, what policy.py exports: a raw flat observation in, an action
+    within the env's bounds out."""
 
     def __init__(self, actor: nn.Module, stats: dict):
         super().__init__()
@@ -652,8 +872,6 @@ class Policy(nn.Module):
 
 
 def numpy_policy(policy: nn.Module, device: torch.device):
-    """A batch of env observations (numpy) -> env actions (numpy)."""
-
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
         return policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
@@ -662,9 +880,8 @@ def numpy_policy(policy: nn.Module, device: torch.device):
 
 
 def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
-    """One episode per sub-env, all run in lockstep with one batched policy forward per step. A finished
-    sub-env is reset by Gymnasium (on its next step, or at once), so only each sub-env's first episode counts.
-    Returns, lengths, and success (an episode succeeded if its env reported success at any step; None if the env
+    """One episode per sub-env, in lockstep, one batched policy call per step. Gymnasium resets a finished sub-env,
+    so only each one's first episode counts. Returns, lengths and success (reported at any step; None if the env
     never reports it)."""
     obs, _ = envs.reset(seed=seeds)
     returns = np.zeros(envs.num_envs)
@@ -675,15 +892,22 @@ def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
         obs, reward, terminated, truncated, info = envs.step(policy(obs))
         returns += np.where(done, 0.0, reward)
         lengths += ~done
-        if "success" in info:  # Adroit (goal achieved), the mazes
+        if "success" in info:
             reported = info["success"].astype(bool) & info["_success"] & ~done
             success = reported if success is None else success | reported
         done |= terminated | truncated
     return returns, lengths, success
 
 
+def normalized_scores(dataset: minari.MinariDataset, returns: np.ndarray) -> np.ndarray | None:
+    """100 * (return - random) / (expert - random), from the dataset's reference scores; None if it has none."""
+    if dataset.storage.metadata.get("ref_min_score") is None:
+        return None
+    return np.asarray(minari.get_normalized_score(dataset, returns)) * 100
+
+
 def evaluation_seeds(seed: int, step: int, episodes: int) -> list:
-    """The evaluation episodes' seeds at a step: the same for a run, a resumed run and --evaluate."""
+    """The same for a run, its resumed run and policy.py."""
     return [int(s) for s in np.random.SeedSequence([seed, step]).generate_state(episodes)]
 
 
@@ -705,215 +929,18 @@ def record_video(dataset, policy, seed: int, file: Path) -> str | None:
         return f"--capture-video: this env cannot render here ({why}). MuJoCo needs MUJOCO_GL=egl or osmesa."
 
 
-def mean_and_interval(values: np.ndarray, seed: int) -> dict:
-    """Mean, std and a 95 % bootstrap interval of the mean (10,000 resamples, percentile method)."""
-    means = np.random.default_rng(seed).choice(values, (10_000, len(values))).mean(axis=1)
-    interval = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return {"mean": float(values.mean()), "std": float(values.std()), "ci95": interval}
-
-
-# -------- TRY NOT TO MODIFY: configuration, checkpoints, summary --------
-def as_flags(settings: dict) -> list:
-    """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"]: tyro checks them like flags."""
-    flags = []
-    for key, value in settings.items():
-        name = str(key).replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(f"--{name}" if value else f"--no-{name}")
-        else:
-            flags += [f"--{name}", str(value)]
-    return flags
-
-
-def parse_args(argv: list) -> tuple:
-    """(args, checkpoint): Args defaults < the settings tables for --env < --config YAML < flags, validated. With
-    --resume or --evaluate, the arguments of the checkpoint's run."""
-    args = tyro.cli(Args, args=argv, description=__doc__)
-    if args.resume:
-        return checkpoint_args(argv, args.resume, "--resume")
-    if args.evaluate:
-        return checkpoint_args(argv, args.evaluate, "--evaluate")
-    config = config_flags(args.config)
-    settings = tuned_settings(args.env, tyro.cli(Args, args=[*config, *argv]).online_steps > 0)
-    print(f"per-domain settings for {args.env}: {settings or 'none (Args defaults)'}")
-    return validate(tyro.cli(Args, args=[*as_flags(settings), *config, *argv])), None
-
-
-def config_flags(path: str | None) -> list:
-    """A --config YAML file as flags, first parsed alone, so that tyro's error names the file."""
-    if path is None:
-        return []
-    try:
-        flags = as_flags(yaml.safe_load(Path(path).read_text()) or {})
-        tyro.cli(Args, args=flags)
-    except (OSError, yaml.YAMLError, AttributeError, SystemExit) as e:
-        detail = "" if isinstance(e, SystemExit) else f" ({e})"
-        raise UserError(
-            f"in --config {path}: expected a YAML mapping of Args fields, read like flags{detail}"
-        ) from None
-    return flags
-
-
-def load_checkpoint(path: str, flag: str) -> tuple:
-    """(checkpoint, file) of this script's run folder (its checkpoints/last.pt) or checkpoint file; weights only."""
-    file = Path(path) / "checkpoints" / "last.pt" if Path(path).is_dir() else Path(path)
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-        if ckpt["algo"] != ALGO:
-            raise ValueError(f"it is a checkpoint of {ckpt['algo']}.py")
-        Args(**ckpt["args"])
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable {ALGO}.py checkpoint ({e})") from e
-    return ckpt, file
-
-
-# What a flag may change of the arguments of a checkpoint's run
-CHANGEABLE = {
-    "--resume": ("resume", "device"),
-    "--evaluate": ("evaluate", "export", "eval_episodes", "seed", "device", "capture_video"),
-}
-
-
-def checkpoint_args(argv: list, path: str, flag: str) -> tuple:
-    """The arguments of a checkpoint's run, to resume it (only --device may change) or to evaluate its policy
-    (on 100 episodes unless --eval-episodes; --seed, --device, --capture-video, --export may be given)."""
-    ckpt, file = load_checkpoint(path, flag)
-    saved = Args(**ckpt["args"])
-    if flag == "--evaluate":
-        saved = dataclasses.replace(saved, eval_episodes=100, capture_video=False, resume=None)
-    given = tyro.cli(Args, args=argv, default=saved)
-    changed = []
-    for key, value in dataclasses.asdict(saved).items():
-        if getattr(given, key) != value and key not in CHANGEABLE[flag]:
-            changed.append(f"{key} ({value} -> {getattr(given, key)})")
-    if changed:
-        raise UserError(f"{flag} keeps the run's dataset and hyperparameters; cannot change {', '.join(changed)}")
-    if flag == "--resume":
-        return dataclasses.replace(saved, resume=str(file.parent.parent), device=given.device), ckpt
-    return validate(dataclasses.replace(given, evaluate=str(file))), ckpt
-
-
-def validate(args: Args) -> Args:
-    """Out-of-range settings (the run's, then the algorithm's) fail here, before any data is loaded."""
-    problems = []
-    if args.total_steps <= 0 or args.batch_size <= 0 or args.online_steps < 0:
-        problems.append("total_steps and batch_size must be > 0, online_steps >= 0")
-    if args.eval_episodes < 0:
-        problems.append("eval_episodes must be >= 0")
-    if min(args.eval_every, args.log_every, args.checkpoint_every, args.keep_checkpoints) <= 0:
-        problems.append("eval_every, log_every, checkpoint_every and keep_checkpoints must be > 0")
-    if args.capture_video and args.eval_episodes == 0:
-        problems.append("--capture-video needs evaluation episodes")
-    if args.mixing_ratio is not None and not 0 <= args.mixing_ratio <= 1:
-        problems.append("mixing_ratio must be in [0, 1] (or None: uniform)")
-    if args.export and not args.evaluate:
-        problems.append("--export writes the policy of a checkpoint: name it with --evaluate RUN_OR_CHECKPOINT")
-    problems += check_args(args)
-    if problems:
-        raise UserError(f"invalid hyperparameters: {'; '.join(problems)}.")
-    return args
-
-
-def git_commit() -> str | None:
-    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
-    return subprocess.run(git, capture_output=True, text=True).stdout.strip() or None
-
-
-def write_summary(run_dir: Path, args: Args, dataset, history: list, step: int, clock: dict, online: dict) -> None:
-    """summary.json, what sweep.py and report.py read, written atomically with every checkpoint and at the end."""
-    scores = [h["normalized_score"] for h in history if h["normalized_score"] is not None]
-    returns = [h["return"] for h in history]
-    offline = [h for h in history if h["step"] == args.total_steps and args.online_steps]  # before fine-tuning
-    packages = ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")
-    summary = {
-        "algo": ALGO,
-        "env": args.env,
-        "minari_id": dataset.id,
-        "domain": resolve_dataset_name(dataset.id)[1],
-        "seed": args.seed,
-        "steps": step,
-        "total_steps": args.total_steps,
-        "online_steps": args.online_steps,
-        "completed": step == args.total_steps + args.online_steps,
-        "eval_episodes": args.eval_episodes,
-        "wall_seconds": round(clock["wall"], 2),
-        "sps": round(step / max(clock["train_seconds"], 1e-9), 2),
-        "final_return": returns[-1] if returns else None,
-        "best_return": max(returns, default=None),
-        "final_normalized_score": scores[-1] if scores else None,
-        "best_normalized_score": max(scores, default=None),
-        "offline_return": offline[0]["return"] if offline else None,
-        "offline_normalized_score": offline[0]["normalized_score"] if offline else None,
-        "online": online,
-        "ref_min_score": dataset.storage.metadata.get("ref_min_score"),
-        "ref_max_score": dataset.storage.metadata.get("ref_max_score"),
-        "versions": {name: importlib.metadata.version(name) for name in packages},
-        "git_commit": git_commit(),
-        "args": dataclasses.asdict(args),
-        "eval_history": history,
-    }
-    (run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
-    os.replace(run_dir / "summary.json.tmp", run_dir / "summary.json")
-
-
-# -------- main: set up, then the training loop --------
-def pick_device(name: str) -> torch.device:
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name != "auto" and not available[name]:
-        raise UserError(f"--device {name} was asked for but is not available on this machine")
-    return torch.device(name if name != "auto" else next(kind for kind in available if available[kind]))
-
-
-def make_run_dir(args: Args, resuming: bool) -> Path:
-    """<output>/<env>__<algo>__<seed>__<unix time> (or --run-name), with args.yaml; a resumed run keeps its own."""
-    if resuming:
-        return Path(args.resume)
-    name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output) / name
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
-    except OSError as e:
-        raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from e
-    return run_dir
-
-
-def make_eval_envs(dataset, args: Args, obs_dim: int, act_dim: int) -> gym.vector.VectorEnv:
-    """The evaluation envs, built once, checked against the dataset's sizes."""
-    envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * args.eval_episodes)
-    env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
-    if env_sizes != (obs_dim, act_dim):
-        raise UserError(
-            f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, the dataset "
-            f"{(obs_dim, act_dim)}: they do not match"
-        )
-    return envs
-
-
-def check_finite(values: dict, since: int, step: int) -> None:
-    """Stop before a checkpoint is written if a logged value is NaN or infinite."""
-    bad = [name for name, value in values.items() if not math.isfinite(value)]
-    if bad:
-        raise FloatingPointError(
-            f"{', '.join(bad)} became non-finite between steps {since} and {step}: the data was checked when "
-            "loaded, so the optimization diverged. Lower the learning rates, or add LayerNorm to the critics."
-        )
-
-
+# -------- Online fine-tuning --------
 class OnlinePhase:
-    """Online fine-tuning: a training env built like the evaluation env (each episode seeded from --seed and its
-    number), one env step per step of the loop with the algorithm's explore(); each transition goes into the buffer
-    at once and becomes sampleable when its episode ends. A resumed run closes the episode that was in progress as
-    cut off (an env's state cannot be saved in general) and starts a new one."""
+    """A training env built like the evaluation env, each episode seeded from --seed and its number; one step per
+    step of the loop with explore(). A resumed run closes the episode in progress as cut off (an env's state cannot
+    be saved in general) and starts a new one."""
 
     def __init__(self, dataset, buffer: Buffer, stats: dict, args: Args, device: torch.device, state: dict | None):
         self.env = make_eval_env(dataset)
         self.buffer, self.stats, self.args, self.device = buffer, stats, args, device
-        self.offline_steps = dataset.total_steps  # the online transitions and observations are stored after these
+        self.offline_steps = dataset.total_steps
         self.offline_rows = dataset.total_steps + dataset.total_episodes
-        self.episodes = [] if state is None else state["episodes"]  # return, length, success of each episode
+        self.episodes = [] if state is None else state["episodes"]  # return, length, success of each
         if state is not None:
             buffer.load_online_state(state["buffer"], self.offline_steps, self.offline_rows)
             if buffer.n_steps > buffer.episode_start:
@@ -957,225 +984,113 @@ class OnlinePhase:
         """Episodes so far, their success rate and the cumulative regret, 1 - the success rate (as CORL)."""
         successes = [e["success"] for e in self.episodes if e["success"] is not None]
         rate = float(np.mean(successes)) if successes else None
-        regret = None if rate is None else 1.0 - rate
         return {
             "episodes": len(self.episodes),
-            "env_steps": self.buffer.n_steps - self.offline_steps,  # the episode in progress included
+            "env_steps": self.buffer.n_steps - self.offline_steps,
             "success_rate": rate,
-            "regret": regret,
+            "regret": None if rate is None else 1.0 - rate,
         }
 
     def state(self) -> dict:
         return {"buffer": self.buffer.online_state(self.offline_steps, self.offline_rows), "episodes": self.episodes}
 
 
-def export_policy(policy: Policy, file: str) -> list:
-    """The policy as one file made by torch.export (.pt2): raw observations in (any batch size), env actions out.
-    torch.export.load(file).module() runs it where only torch is installed. With onnx and onnxscript installed,
-    an .onnx file beside it too. Returns the files written."""
-    policy = copy.deepcopy(policy).cpu().eval().requires_grad_(False)
-    example = torch.zeros(2, len(policy.obs_mean))
-    batch = ({0: torch.export.Dim("batch")},)
-    program = torch.export.export(policy, (example,), dynamic_shapes=batch)
-    Path(file).parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, file)
-    written = [file]
-    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
-        onnx_file = str(Path(file).with_suffix(".onnx"))
-        torch.onnx.export(policy, (example,), onnx_file, dynamo=True, dynamic_shapes=batch, input_names=["obs"])
-        written.append(onnx_file)
-    return written
+# -------- TRY NOT TO MODIFY: configuration and resume --------
+def parse_args(argv: list) -> tuple:
+    """(args, checkpoint): Args defaults < the settings tables for --env < --config YAML < flags, validated; with
+    --resume, the arguments of the checkpoint's run."""
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    if args.resume:
+        return resume_args(argv, args.resume)
+    config = config_flags(args.config)
+    settings = tuned_settings(args.env, tyro.cli(Args, args=[*config, *argv]).online_steps > 0)
+    print(f"per-domain settings for {args.env}: {settings or 'none (Args defaults)'}")
+    return validate(tyro.cli(Args, args=[*as_flags(settings), *config, *argv])), None
 
 
-def evaluate_checkpoint(args: Args, ckpt: dict) -> None:
-    """--evaluate: the checkpoint's deterministic policy on --eval-episodes seeded episodes (the seeds of the run's
-    own evaluation at that step); mean, std and 95 % intervals printed and written to <run>/evaluations/. With
-    --export, the exported file is what gets evaluated."""
-    device = pick_device(args.device)
-    dataset = load_dataset(ckpt["minari_id"])
-    check_dataset(dataset, ckpt, "--evaluate")
-    stats = ckpt["normalization"]
-    obs_dim, act_dim = len(stats["obs_mean"]), len(stats["action_low"])
-    actor = make_networks(args, obs_dim, act_dim)["actor"]
-    actor.load_state_dict(ckpt["actor"])
-    policy = Policy(actor.eval(), stats).to(device)
-    if args.export:
-        for file in export_policy(policy, args.export):
-            print(f"wrote {file}")
-        policy = torch.export.load(args.export).module()
-        device = torch.device("cpu")
-    if args.eval_episodes == 0:
-        return
-    envs = make_eval_envs(dataset, args, obs_dim, act_dim)
-    seeds = evaluation_seeds(args.seed, ckpt["step"], args.eval_episodes)
-    returns, lengths, success = evaluate(envs, numpy_policy(policy, device), seeds)
-    result = {"algo": ALGO, "minari_id": dataset.id, "checkpoint": args.evaluate, "step": ckpt["step"]}
-    result.update(seed=args.seed, episodes=args.eval_episodes, exported=args.export)
-    result["return"] = mean_and_interval(returns, args.seed)
-    result["normalized_score"] = None
-    if dataset.storage.metadata.get("ref_min_score") is not None:
-        scores = np.asarray(minari.get_normalized_score(dataset, returns)) * 100
-        result["normalized_score"] = mean_and_interval(scores, args.seed)
-    result["success_rate"] = None if success is None else float(success.mean())
-    result["length"] = float(lengths.mean())
-    result["returns"] = returns.tolist()
-    print(f"{ALGO}.py, {dataset.id}, step {ckpt['step']}: {args.eval_episodes} episodes, seed {args.seed}")
-    for name in ("return", "normalized_score"):
-        if result[name] is not None:
-            low, high = result[name]["ci95"]
-            mean, std = result[name]["mean"], result[name]["std"]
-            print(f"  {name:<17} {mean:9.2f} ± {std:.2f}  (95 % CI {low:.2f} to {high:.2f})")
-    if success is not None:
-        print(f"  {'success rate':<17} {result['success_rate']:9.2f}")
-    checkpoint = Path(args.evaluate)
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    out = run_dir / "evaluations" / f"step_{ckpt['step']}__seed_{args.seed}__{args.eval_episodes}_episodes.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
-    if args.capture_video:
-        problem = record_video(dataset, numpy_policy(policy, device), seeds[0], out.with_suffix(".gif"))
-        print(problem or f"wrote {out.with_suffix('.gif')}")
+def tuned_settings(name: str, online: bool) -> dict:
+    """The dataset's domain row of DOMAIN_SETTINGS, its own row of DATASET_SETTINGS, then for a run that fine-tunes
+    online, FINETUNE_SETTINGS' "all" row and its domain's row."""
+    minari_id, domain = resolve_dataset_name(name)
+    settings = {**DOMAIN_SETTINGS.get(domain, {}), **DATASET_SETTINGS.get(minari_id, {})}
+    if online:
+        settings.update(FINETUNE_SETTINGS.get("all", {}))
+        settings.update(FINETUNE_SETTINGS.get(domain, {}))
+    return settings
+
+
+def as_flags(settings: dict) -> list:
+    """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"]: tyro checks them like flags."""
+    flags = []
+    for key, value in settings.items():
+        name = str(key).replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def config_flags(path: str | None) -> list:
+    """A --config YAML file as flags, parsed alone first, so that an error names the file."""
+    if path is None:
+        return []
+    try:
+        flags = as_flags(yaml.safe_load(Path(path).read_text()) or {})
+        tyro.cli(Args, args=flags)
+    except (OSError, yaml.YAMLError, AttributeError, SystemExit) as e:
+        detail = "" if isinstance(e, SystemExit) else f" ({e})"
+        raise UserError(
+            f"in --config {path}: expected a YAML mapping of Args fields, read like flags{detail}"
+        ) from None
+    return flags
+
+
+def validate(args: Args) -> Args:
+    """The run's settings, then the algorithm's (check_args), before any data is loaded."""
+    problems = []
+    if args.total_steps <= 0 or args.batch_size <= 0 or args.online_steps < 0:
+        problems.append("total_steps and batch_size must be > 0, online_steps >= 0")
+    if args.eval_episodes < 0:
+        problems.append("eval_episodes must be >= 0")
+    if min(args.eval_every, args.log_every, args.checkpoint_every, args.keep_checkpoints) <= 0:
+        problems.append("eval_every, log_every, checkpoint_every and keep_checkpoints must be > 0")
+    if args.capture_video and args.eval_episodes == 0:
+        problems.append("--capture-video needs evaluation episodes")
+    if args.mixing_ratio is not None and not 0 <= args.mixing_ratio <= 1:
+        problems.append("mixing_ratio must be in [0, 1] (or None: uniform)")
+    problems += check_args(args)
+    if problems:
+        raise UserError(f"invalid hyperparameters: {'; '.join(problems)}.")
+    return args
+
+
+def resume_args(argv: list, path: str) -> tuple:
+    """(the run's arguments, its checkpoint): a run folder's checkpoints/last.pt, or a checkpoint file, read
+    weights-only (a checkpoint holds tensors, numbers, strings, lists and dicts: one from someone else cannot run
+    code). Only --device may change."""
+    file = Path(path) / "checkpoints" / "last.pt" if Path(path).is_dir() else Path(path)
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        if ckpt["algo"] != ALGO:
+            raise ValueError(f"it is a checkpoint of {ckpt['algo']}.py")
+        saved = Args(**ckpt["args"])
+    except Exception as e:
+        raise UserError(f"--resume {path}: not a readable {ALGO}.py checkpoint ({e})") from e
+    given = tyro.cli(Args, args=argv, default=saved)
+    changed = []
+    for key, value in dataclasses.asdict(saved).items():
+        if getattr(given, key) != value and key not in ("resume", "device"):
+            changed.append(f"{key} ({value} -> {getattr(given, key)})")
+    if changed:
+        raise UserError(f"--resume keeps the run's dataset and hyperparameters; cannot change {', '.join(changed)}")
+    return dataclasses.replace(saved, resume=str(file.parent.parent), device=given.device), ckpt
 
 
 def main(argv: list) -> None:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # --capture-video: MuJoCo renders offscreen
     args, ckpt = parse_args(argv)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # --capture-video: MuJoCo renders offscreen through EGL by default
-    if args.evaluate:
-        return evaluate_checkpoint(args, ckpt)
-    device = pick_device(args.device)
-    common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
-
-    dataset = load_dataset(resolve_dataset_name(args.env)[0])
-    no_env = dataset.env_spec is None and dataset.storage.metadata.get("eval_env_spec") is None
-    if no_env and args.online_steps:
-        raise UserError(f"dataset {dataset.id} has no environment to fine-tune in: --online-steps needs one")
-    if args.eval_episodes and no_env:
-        print(f"dataset {dataset.id} has no environment: training without evaluation (--eval-episodes 0)")
-        args = dataclasses.replace(args, eval_episodes=0, capture_video=False)
-    if ckpt is not None:
-        check_dataset(dataset, ckpt, "--resume")
-    buffer, stats = load_buffer(dataset, args, device)
-    obs_dim = buffer.obs.shape[1]
-    act_dim = len(stats["action_low"])
-    print(f"{dataset.id}: {buffer.n_steps} transitions, {dataset.total_episodes} episodes, device {device}")
-    envs = make_eval_envs(dataset, args, obs_dim, act_dim) if args.eval_episodes else None
-    has_scores = dataset.storage.metadata.get("ref_min_score") is not None  # else no normalized score
-    run_dir = make_run_dir(args, resuming=ckpt is not None)
-
-    nets = {name: net.to(device) for name, net in make_networks(args, obs_dim, act_dim).items()}
-    opts = make_optimizers(nets, args)
-    update = make_update(nets, opts, args)
-    start, history, clock = 0, [], {"wall": 0.0, "train_seconds": 0.0}
-    online = None  # the online phase, once it has begun
-    if ckpt is not None:
-        for name, obj in {**nets, **opts}.items():
-            obj.load_state_dict(ckpt[name])
-        common.set_rng_states(ckpt["rng"], buffer.generator)
-        start, history, clock = ckpt["step"], ckpt["eval_history"], ckpt["clock"]
-        if ckpt.get("online") is not None:
-            online = OnlinePhase(dataset, buffer, stats, args, device, ckpt["online"])
-        print(f"resumed {run_dir} at step {start}")
-    if args.track:
-        import wandb  # optional: pip install wandb
-
-        project = os.environ.get("WANDB_PROJECT", "single-file-offline-rl")
-        config = dataclasses.asdict(args)
-        wandb.init(
-            project=project, name=run_dir.name, id=run_dir.name, config=config, sync_tensorboard=True, resume="allow"
-        )
-    writer = SummaryWriter(str(run_dir), purge_step=start + 1 if start else None)
-    policy = numpy_policy(Policy(nets["actor"], stats).to(device), device)
-    stop = []  # signals received: finish the step, checkpoint, exit with a resume hint
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
-
-    # The wall clock counts the whole run (across resumes); SPS counts training steps only, evaluations excluded
-    t_start = time.time() - clock["wall"]
-    t_window = time.time()
-    last_check = start  # the step of the last host sync (logging)
-    last_score = None
-    last_step = args.total_steps + args.online_steps
-    progress = tqdm(range(start + 1, last_step + 1), initial=start, total=last_step)
-    for step in progress:
-        if step > args.total_steps:  # online: one env step, then a gradient step on offline and online data
-            if online is None:
-                online = OnlinePhase(dataset, buffer, stats, args, device, None)
-            episode = online.step(nets)
-            if episode is not None:
-                writer.add_scalar("online/episode_return", episode["return"], step)
-                writer.add_scalar("online/episode_length", episode["length"], step)
-                if episode["success"] is not None:
-                    writer.add_scalar("online/success", episode["success"], step)
-                    writer.add_scalar("online/regret", online.summary()["regret"], step)
-            metrics = update(buffer.sample(args.batch_size, args.mixing_ratio), step)
-        else:
-            metrics = update(buffer.sample(args.batch_size), step)
-        final = step == last_step
-        end_of_phase = final or step == args.total_steps
-        checkpoint_now = step % args.checkpoint_every == 0 or end_of_phase or stop
-
-        if step % args.log_every == 0 or checkpoint_now:
-            values = {name: value.item() for name, value in metrics.items()}  # the only host sync of training
-            check_finite(values, last_check, step)
-            seconds = time.time() - t_window
-            clock["train_seconds"] += seconds
-            values["charts/SPS"] = (step - last_check) / max(seconds, 1e-9)
-            values["charts/learning_rate"] = float(opts["actor_opt"].param_groups[0]["lr"])
-            if online is not None:
-                values["charts/env_steps"] = online.summary()["env_steps"]
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
-            progress.set_postfix(sps=f"{values['charts/SPS']:.0f}", score=last_score)
-            t_window = time.time()
-            last_check = step
-
-        t_pause = time.time()
-        if args.eval_episodes and (step % args.eval_every == 0 or end_of_phase):
-            nets["actor"].eval()
-            seeds = evaluation_seeds(args.seed, step, args.eval_episodes)
-            returns, lengths, success = evaluate(envs, policy, seeds)
-            score = float(np.mean(minari.get_normalized_score(dataset, returns)) * 100) if has_scores else None
-            history.append(
-                {
-                    "step": step,
-                    "return": float(returns.mean()),
-                    "return_std": float(returns.std()),
-                    "length": float(lengths.mean()),
-                    "normalized_score": score,
-                    "success": None if success is None else float(success.mean()),
-                    "seconds": round(time.time() - t_pause, 3),
-                }
-            )
-            for tag in ("return", "length", "normalized_score", "success"):
-                if history[-1][tag] is not None:
-                    writer.add_scalar(f"eval/{tag}", history[-1][tag], step)
-            last_score = f"{returns.mean() if score is None else score:.1f}"
-            if args.capture_video:
-                problem = record_video(dataset, policy, seeds[0], run_dir / "videos" / f"step_{step}.gif")
-                if problem:
-                    tqdm.write(problem)
-                    args.capture_video = False
-            nets["actor"].train()
-
-        if checkpoint_now:
-            clock["wall"] = time.time() - t_start
-            state = {name: obj.state_dict() for name, obj in {**nets, **opts}.items()}
-            state.update(algo=ALGO, minari_id=dataset.id, dataset=dataset_fingerprint(dataset), step=step)
-            state.update(args=dataclasses.asdict(args), clock=clock, normalization=stats, eval_history=history)
-            state.update(rng=common.get_rng_states(buffer.generator), online=None if online is None else online.state())
-            common.save_checkpoint(run_dir, state, step, args.keep_checkpoints)
-            online_summary = None if online is None else online.summary()
-            write_summary(run_dir, args, dataset, history, step, clock, online_summary)
-        t_window += time.time() - t_pause  # evaluation and checkpoint time is not training time
-        if stop:
-            break
-
-    writer.close()
-    if stop:
-        print(f"\ninterrupted at step {step}; checkpoint saved. Resume with: python {ALGO}.py --resume {run_dir}")
-        sys.exit(128 + stop[0])
-    print(f"done: {run_dir} (final score {last_score})")
+    train(args, ckpt)
 
 
 if __name__ == "__main__":

@@ -114,14 +114,14 @@ def inverted_pendulum_random(minari_root) -> str:
 def run_script(script: str, *args, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
     """Run `python <script> <args>` as a user would; returns a CompletedProcess (exit code, stdout, stderr).
 
-    An algorithm script runs in this test's process (`run_in_process`): its `__main__` block, argument parsing,
-    messages and exit codes exactly as on the command line, without the ~4 s that a new interpreter spends starting
-    and importing torch, gymnasium and minari (most of a small run's time). A real subprocess runs every other tool,
-    a script run from another folder (a copied script) and a run with its own PYTHONPATH. (Every script also runs as
-    a process of its own in the tests that stop it with a signal, and as a copied script.) `timeout` bounds a
+    An algorithm script (or policy.py) runs in this test's process (`run_in_process`): its `__main__` block, argument
+    parsing, messages and exit codes exactly as on the command line, without the ~4 s that a new interpreter spends
+    starting and importing torch, gymnasium and minari (most of a small run's time). A real subprocess runs every other
+    tool, a script run from another folder (a copied script) and a run with its own PYTHONPATH. (Every script also runs
+    as a process of its own in the tests that stop it with a signal, and as a copied script.) `timeout` bounds a
     subprocess; an in-process run has none."""
     env = env or {}
-    if script in ALGOS and cwd == ROOT and "PYTHONPATH" not in env:
+    if script in [*ALGOS, "policy.py"] and cwd == ROOT and "PYTHONPATH" not in env:
         return run_in_process(script, args, env)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env}
     return subprocess.run(
@@ -189,6 +189,28 @@ def run_dir_of(output: Path) -> Path:
     """The one run folder in an --output folder."""
     (run_dir,) = [p for p in output.iterdir() if p.is_dir()]
     return run_dir
+
+
+def script_checkpoint(algo: str, file: Path, obs_dim: int, low: list, high: list, dataset: str = PENDULUM):
+    """A checkpoint file of an algorithm script, as its runs write one for acting: its actor with random weights (its
+    own make_networks, 16 units), asymmetric normalization statistics. Returns the script's Policy around it too."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module(algo)
+    torch.manual_seed(0)
+    args = module.Args(hidden_dim=16, env=dataset)
+    actor = module.make_networks(args, obs_dim, len(low))["actor"].eval()
+    stats = {
+        "obs_mean": torch.randn(obs_dim),
+        "obs_std": torch.rand(obs_dim) + 0.5,
+        "action_low": torch.tensor(low, dtype=torch.float32),
+        "action_high": torch.tensor(high, dtype=torch.float32),
+    }
+    ckpt = {"algo": algo, "args": dataclasses.asdict(args), "actor": actor.state_dict(), "normalization": stats}
+    ckpt.update(minari_id=dataset, step=0)
+    torch.save(ckpt, file)
+    return module.Policy(actor, stats)
 
 
 def assert_user_error(result, *phrases):

@@ -1,11 +1,10 @@
 """collect.py: datasets from every behaviour policy load with Minari and hold the right episodes, steps, T+1
-observations, termination/truncation flags, reference scores and evaluation env; checkpoints of iql.py, cql.py
-and collect.py act as their own scripts do; the SAC teacher's update means what SAC says and the teacher learns;
-bad input is an exit code 2 with a message; interruption never leaves a partial dataset and resumes exactly; the
-README quickstart runs end to end."""
+observations, termination/truncation flags, reference scores and evaluation env; checkpoints of every algorithm script
+(built by policy.py) and of collect.py act as their own scripts do; the SAC teacher's update means what SAC says and the
+teacher learns; bad input is an exit code 2 with a message; interruption never leaves a partial dataset and resumes
+exactly; the README quickstart runs end to end."""
 
 import dataclasses
-import importlib
 import json
 import os
 import shlex
@@ -20,7 +19,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ALGOS, ROOT, run_script, script_checkpoint
 from local_datasets import make_dataset
 
 import collect
@@ -287,9 +286,9 @@ def test_critic_step_moves_the_critics_but_not_the_actor_temperature_or_targets(
     assert_same_parameters(sac.critic, critic, same=False)
 
 
-# ---- checkpoints: iql.py, cql.py and collect.py actors ---------------------------------------------------
+# ---- checkpoints: the algorithm scripts' (built by policy.py) and collect.py's actors -----------------------
 def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env, minari_id: str = "local/pendulum/random-v0"):
-    """The layout iql.py and cql.py write: algo, dataset id, args, actor state dict, normalization statistics."""
+    """A checkpoint dict with an algorithm script's keys: algo, dataset id, args, actor state dict, normalization."""
     return {
         "algo": algo,
         "minari_id": minari_id,
@@ -301,50 +300,35 @@ def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env, minari_id: st
             "action_high": torch.as_tensor(env.action_space.high),
         },
         "args": {},
+        "step": 0,
     }
 
 
-@pytest.mark.parametrize(
-    "algo, actor_args",
-    [("iql", (3, 1, 32, 2, 0.0, False)), ("iql", (3, 1, 32, 3, 0.1, True)), ("cql", (3, 1, 32, 2))],
-    ids=["iql-gaussian", "iql-deterministic-dropout", "cql-fused-head-and-log-std-scalars"],
-)
-def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, actor_args):
-    """The script's deterministic action tanh(mu((s - mean) / std)), mapped from [-1, 1] to [low, high]."""
-    script = importlib.import_module(algo)  # imported here: a broken script fails this test only
-    torch.manual_seed(0)
+@pytest.mark.parametrize("algo", [a[:-3] for a in ALGOS])
+def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, tmp_path):
+    """policy.py builds the script's own Policy: its actor on (s - mean) / std, mapped from [-1, 1] to [low, high]."""
     env = gym.make("Pendulum-v1")
-    actor = script.Actor(*actor_args).eval()
-    ckpt = checkpoint_of(algo, actor, env)
-    norm = ckpt["normalization"]
-    rebuilt = collect.behaviour(env, collect.checkpoint_policy(ckpt, env, "cpu"))
+    policy = script_checkpoint(algo, tmp_path / "c.pt", 3, [-2.0], [2.0])
+    rebuilt = collect.behaviour(env, collect.script_policy(str(tmp_path / "c.pt"), env))
     for obs in np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32) * 3:
         with torch.no_grad():
-            a = actor((torch.from_numpy(obs) - norm["obs_mean"]) / norm["obs_std"]).numpy()
-        np.testing.assert_allclose(rebuilt(obs), 2.0 * a, rtol=1e-5, atol=1e-5)  # Pendulum acts in [-2, 2]
+            a = policy(torch.from_numpy(obs)[None])[0].numpy()
+        np.testing.assert_allclose(rebuilt(obs), a, rtol=1e-5, atol=1e-5)
 
 
-def test_a_cql_actor_is_rebuilt_from_its_state_dict_skipping_the_log_std_scalars():
-    """collect.py runs a cql.py checkpoint's actor from its Linear layers alone: the scalars are skipped by name."""
-    import cql
-
-    torch.manual_seed(0)
-    actor = cql.make_networks(cql.Args(hidden_dim=16, actor_n_hidden=2), 3, 2)["actor"]
-    obs = torch.randn(4, 3)
-    net = collect.actor_mean_net(actor.state_dict())
-    torch.testing.assert_close(torch.tanh(net(obs)[:, :2]), actor(obs))
+def test_checkpoint_whose_actor_does_not_fit_its_script_is_refused(tmp_path):
+    env = gym.make("Pendulum-v1")
+    script_checkpoint("iql", tmp_path / "c.pt", 3, [-2.0], [2.0])
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    ckpt["actor"]["net.0.weight"] = torch.zeros(16, 5)
+    torch.save(ckpt, tmp_path / "c.pt")
+    with pytest.raises(collect.UserError, match="does not fit"):
+        collect.script_policy(str(tmp_path / "c.pt"), env)
 
 
 def test_checkpoint_of_another_env_is_refused(minari_root, quickstart):
     with pytest.raises(collect.UserError, match="trained for another env"):
         record("--env", "InvertedPendulum-v5", "--policy", "checkpoint", "--checkpoint", quickstart["teacher_run"])
-
-
-def test_checkpoint_with_unknown_actor_layout_is_refused():
-    env = gym.make("Pendulum-v1")
-    ckpt = checkpoint_of("iql", torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.LayerNorm(8)), env)
-    with pytest.raises(collect.UserError, match="layout"):
-        collect.checkpoint_policy(ckpt, env, "cpu")
 
 
 def test_noisy_rollouts_of_the_teacher_checkpoint_with_the_env_taken_from_the_checkpoint(minari_root, quickstart):

@@ -1,9 +1,10 @@
-"""Using a trained policy: --evaluate reproduces the run's own evaluation and writes its numbers, --export writes a
-torch.export file that acts as the script's policy in a process that has only torch, wrong checkpoints and datasets
-re-recorded under the same id are refused, and collect.py records with an exported policy."""
+"""Using a trained policy with policy.py: `evaluate` reproduces the run's own evaluation and writes its numbers,
+`export` writes a torch.export file (and a self-contained ONNX file) that acts as the script's own policy in a process
+that has only torch, for every algorithm script and for a copied one; wrong checkpoints and datasets re-recorded under
+the same id are refused; collect.py records with an exported policy."""
 
-import importlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,21 +13,11 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_dir_of, run_script
+from conftest import ROOT, assert_user_error, run_dir_of, run_script, script_checkpoint
 from local_datasets import make_dataset
 
-FAST = [
-    "--total-steps",
-    "300",
-    "--eval-every",
-    "300",
-    "--eval-episodes",
-    "3",
-    "--log-every",
-    "100",
-    "--hidden-dim",
-    "32",
-]
+FAST = ["--total-steps", "300", "--eval-every", "300", "--eval-episodes", "3", "--log-every", "100"]
+FAST += ["--hidden-dim", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def trained(pendulum, tmp_path_factory):
 
 def test_evaluate_reproduces_the_runs_own_evaluation_and_writes_mean_std_and_intervals(trained):
     logged = json.loads((trained / "summary.json").read_text())["eval_history"][-1]
-    result = run_script("iql.py", "--evaluate", trained, "--eval-episodes", "3")
+    result = run_script("policy.py", "evaluate", trained, "--episodes", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     (file,) = (trained / "evaluations").glob("step_300__seed_1__3_episodes.json")
     report = json.loads(file.read_text())
@@ -55,19 +46,23 @@ def test_evaluate_reproduces_the_runs_own_evaluation_and_writes_mean_std_and_int
 
 
 def test_evaluate_runs_100_episodes_by_default(trained):
-    result = run_script("iql.py", "--evaluate", trained / "checkpoints" / "last.pt")
+    result = run_script("policy.py", "evaluate", trained / "checkpoints" / "last.pt")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((trained / "evaluations" / "step_300__seed_1__100_episodes.json").read_text())
     assert len(report["returns"]) == 100 and len(set(report["returns"])) > 50  # 100 differently seeded episodes
 
 
-def test_wrong_checkpoints_and_changed_settings_are_refused(trained, door, tmp_path):
-    assert_user_error(run_script("cql.py", "--evaluate", trained), "checkpoint of iql.py")
-    assert_user_error(run_script("iql.py", "--evaluate", trained, "--env", door), "cannot change env")
-    assert_user_error(run_script("iql.py", "--evaluate", trained, "--beta", "1.0"), "cannot change beta")
+def test_wrong_checkpoints_scripts_and_files_are_refused(trained, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    assert_user_error(run_script("iql.py", "--evaluate", tmp_path / "garbage.pt"), "not a readable iql.py checkpoint")
-    assert_user_error(run_script("iql.py", "--export", tmp_path / "p.pt2"), "--export", "--evaluate")
+    assert_user_error(run_script("policy.py", "evaluate", tmp_path / "garbage.pt"), "not a readable checkpoint")
+    ckpt = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**ckpt, "algo": "other"}, tmp_path / "other.pt")
+    assert_user_error(run_script("policy.py", "evaluate", tmp_path / "other.pt"), "other.py", "--script")
+    wrong = run_script("policy.py", "evaluate", trained, "--script", ROOT / "cql.py")
+    assert_user_error(wrong, "is cql.py", "iql.py's")
+    last = trained / "checkpoints" / "last.pt"
+    assert_user_error(run_script("policy.py", "export", trained, last), "a .pt2 file")
+    assert_user_error(run_script("policy.py", "export", trained, tmp_path / "p.pt2", "--episodes", "3"), "--episodes")
 
 
 def test_a_dataset_re_recorded_under_the_same_id_is_refused_on_resume_and_evaluate(minari_root, tmp_path):
@@ -78,23 +73,9 @@ def test_a_dataset_re_recorded_under_the_same_id_is_refused_on_resume_and_evalua
     run_dir = run_dir_of(tmp_path)
     minari.delete_dataset(dataset_id)
     make_dataset(dataset_id, "Pendulum-v1", 3, seed=1)  # the same id, other episodes
-    for flag in ("--resume", "--evaluate"):
-        assert_user_error(run_script("iql.py", flag, run_dir), f"{flag}: the dataset {dataset_id} is not the one")
-
-
-def policy_module(algo, obs_dim, act_dim, low, high, seed=0):
-    """The script's own Policy around an actor with random weights, and asymmetric normalization statistics."""
-    module = importlib.import_module(algo)
-    torch.manual_seed(seed)
-    args = module.Args(hidden_dim=16)
-    actor = module.make_networks(args, obs_dim, act_dim)["actor"].eval()
-    stats = {
-        "obs_mean": torch.randn(obs_dim),
-        "obs_std": torch.rand(obs_dim) + 0.5,
-        "action_low": torch.tensor(low, dtype=torch.float32),
-        "action_high": torch.tensor(high, dtype=torch.float32),
-    }
-    return module, module.Policy(actor, stats)
+    message = f"the dataset {dataset_id} is not the one"
+    assert_user_error(run_script("iql.py", "--resume", run_dir), f"--resume: {message}")
+    assert_user_error(run_script("policy.py", "evaluate", run_dir), f"policy.py evaluate: {message}")
 
 
 LOAD_AND_ACT = """
@@ -107,42 +88,62 @@ with torch.no_grad():
 """
 
 
-def test_the_exported_policy_acts_as_the_scripts_policy_in_a_process_with_only_torch(algo, tmp_path):
-    """100 random observations, an asymmetric action range; loaded with `python -I` from an empty folder (no access
-    to the repository), at batch sizes 100 and 1."""
-    module, policy = policy_module(algo[:-3], 5, 2, low=[-3.0, 0.0], high=[1.0, 0.5])
-    file = tmp_path / "policy.pt2"
-    assert module.export_policy(policy, str(file))[0] == str(file)
-    obs = (np.random.default_rng(0).normal(size=(100, 5)) * 3).astype(np.float32)
-    np.save(tmp_path / "obs.npy", obs)
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_AND_ACT)
-    outputs = [tmp_path / "actions.npy", tmp_path / "one.npy"]
-    cmd = [sys.executable, "-I", str(script), str(file), str(tmp_path / "obs.npy"), *map(str, outputs)]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+def assert_acts_as_policy_with_only_torch(file, policy, obs_dim, folder):
+    """The exported file, loaded with `python -I` from an empty folder (no access to the repository), gives the
+    policy's actions on 100 random observations, at batch sizes 100 and 1."""
+    obs = (np.random.default_rng(0).normal(size=(100, obs_dim)) * 3).astype(np.float32)
+    np.save(folder / "obs.npy", obs)
+    (folder / "load.py").write_text(LOAD_AND_ACT)
+    outputs = [folder / "actions.npy", folder / "one.npy"]
+    cmd = [sys.executable, "-I", str(folder / "load.py"), str(file), str(folder / "obs.npy"), *map(str, outputs)]
+    result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     with torch.no_grad():
         expected = policy(torch.from_numpy(obs)).numpy()
     np.testing.assert_allclose(np.load(outputs[0]), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.load(outputs[1]), expected[:1], rtol=1e-5, atol=1e-6)
+    return expected
+
+
+def test_the_exported_policy_of_every_script_acts_as_its_policy_in_a_process_with_only_torch(algo, tmp_path):
+    """A checkpoint with an asymmetric action range: policy.py builds the script's own policy and exports it."""
+    policy = script_checkpoint(algo[:-3], tmp_path / "c.pt", 5, low=[-3.0, 0.0], high=[1.0, 0.5])
+    result = run_script("policy.py", "export", tmp_path / "c.pt", tmp_path / "policy.pt2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"wrote {tmp_path / 'policy.pt2'}" in result.stdout and "actions match" in result.stdout
+    assert "Warning" not in result.stdout + result.stderr  # torch.export's own messages stay off the console
+    expected = assert_acts_as_policy_with_only_torch(tmp_path / "policy.pt2", policy, 5, tmp_path)
     assert (expected >= [-3.0, 0.0]).all() and (expected <= [1.0, 0.5]).all()  # within the env's own bounds
+
+
+def test_policy_py_next_to_a_copied_script_or_given_the_script_builds_its_policy(tmp_path):
+    """A script copied into another repository with common.py and policy.py; and the repository's policy.py pointed
+    at the copy with --script."""
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    for name in ("iql.py", "common.py", "policy.py"):
+        shutil.copy(ROOT / name, copy / name)
+    policy = script_checkpoint("iql", tmp_path / "c.pt", 4, low=[-1.0], high=[1.0])
+    beside = run_script("policy.py", "export", tmp_path / "c.pt", tmp_path / "a.pt2", cwd=copy)
+    assert beside.returncode == 0, beside.stdout + beside.stderr
+    given = run_script("policy.py", "export", tmp_path / "c.pt", tmp_path / "b.pt2", "--script", copy / "iql.py")
+    assert given.returncode == 0, given.stdout + given.stderr
+    for file in ("a.pt2", "b.pt2"):
+        assert_acts_as_policy_with_only_torch(tmp_path / file, policy, 4, tmp_path)
 
 
 def test_an_exported_dict_observation_policy_reads_gymnasiums_flattened_observation(pointmaze, tmp_path):
     """Point maze observations are dicts: the exported policy takes them flattened as FlattenObservation does."""
+    import policy as policy_tool
+
     result = run_script("iql.py", "--env", pointmaze, *FAST, "--output", tmp_path / "runs")
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = run_dir_of(tmp_path / "runs")
     file = tmp_path / "maze.pt2"
-    result = run_script("iql.py", "--evaluate", run_dir, "--export", file, "--eval-episodes", "3")
+    result = run_script("policy.py", "export", run_dir, file)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"wrote {file}" in result.stdout
-    iql = importlib.import_module("iql")
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    actor = iql.make_networks(iql.Args(**ckpt["args"]), 8, 2)["actor"]
-    actor.load_state_dict(ckpt["actor"])
-    policy = iql.Policy(actor.eval(), ckpt["normalization"])
-    env = iql.make_eval_env(minari.load_dataset(pointmaze))
+    policy, _, _, module = policy_tool.load_policy(str(run_dir))
+    env = module.make_eval_env(minari.load_dataset(pointmaze))
     observations = [env.reset(seed=0)[0]]
     for _ in range(20):
         observations.append(env.step(env.action_space.sample())[0])
@@ -157,7 +158,7 @@ def test_collect_records_a_dataset_with_an_exported_policy(trained, minari_root,
     import collect
 
     file = tmp_path / "pendulum.pt2"
-    result = run_script("iql.py", "--evaluate", trained, "--export", file, "--eval-episodes", "0")
+    result = run_script("policy.py", "export", trained, file)
     assert result.returncode == 0, result.stdout + result.stderr
     argv = ["--env", "Pendulum-v1", "--policy", "checkpoint", "--checkpoint", file, "--episodes", 2]
     argv += ["--ref-episodes", 1, "--dataset-id", "local/pendulum/exported-v0"]
@@ -171,12 +172,17 @@ def test_collect_records_a_dataset_with_an_exported_policy(trained, minari_root,
     assert collect.cli(["--policy", "checkpoint", "--checkpoint", str(file)]) == 2  # no --env: refused
 
 
-def test_with_onnx_installed_the_export_writes_an_onnx_file_that_onnxruntime_runs_to_the_same_actions(tmp_path):
+def test_onnx_export_is_one_self_contained_file_that_onnxruntime_runs_to_the_same_actions(tmp_path):
     ort = pytest.importorskip("onnxruntime")  # the export extra, part of the test extra
-    module, policy = policy_module("iql", 4, 3, low=[-1.0, -2.0, 0.0], high=[1.0, 2.0, 5.0])
-    files = module.export_policy(policy, str(tmp_path / "policy.pt2"))
-    assert files == [str(tmp_path / "policy.pt2"), str(tmp_path / "policy.onnx")]
-    session = ort.InferenceSession(files[1])
+    policy = script_checkpoint("iql", tmp_path / "c.pt", 4, low=[-1.0, -2.0, 0.0], high=[1.0, 2.0, 5.0])
+    result = run_script("policy.py", "export", tmp_path / "c.pt", tmp_path / "out" / "policy.pt2", "--onnx")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[torch.onnx]" not in result.stdout + result.stderr  # the exporter's progress stays off the console
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["policy.onnx", "policy.pt2"]  # no .onnx.data
+    moved = tmp_path / "alone" / "policy.onnx"  # weights inside: the file works copied alone
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "out" / "policy.onnx", moved)
+    session = ort.InferenceSession(str(moved))
     obs = np.random.default_rng(1).normal(size=(100, 4)).astype(np.float32)
     (actions,) = session.run(None, {"obs": obs})
     with torch.no_grad():

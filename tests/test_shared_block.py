@@ -1,5 +1,6 @@
-"""tools/shared_block.py keeps the shared block of every algorithm script identical to iql.py's: it passes on the
-repository, fails with a diff when a copy was edited by hand, and --fix repairs the copy."""
+"""tools/shared_block.py keeps the shared block of every algorithm script (its three marked parts: the run's fields in
+Args, the training loop, the rest) identical to iql.py's: it passes on the repository, fails with a diff when a copy
+was edited by hand, and --fix repairs the copy."""
 
 import shutil
 import subprocess
@@ -30,13 +31,13 @@ def test_a_copy_edited_by_hand_fails_with_a_diff_and_fix_repairs_it(tmp_path):
     edited = tmp_path / "cql.py"
     original = edited.read_text()
     edited.write_text(original.replace("    return envs\n", "    return envs  # a fix made in one copy only\n", 1))
-    edited_args = edited.read_text().replace("seed: int = 1", "seed: int = 2", 1)
-    edited.write_text(edited_args)
+    edited.write_text(edited.read_text().replace("seed: int = 1", "seed: int = 2", 1))
+    edited.write_text(edited.read_text().replace("    run.close()\n", "    run.close()  # the loop, edited\n", 1))
 
     result = checker(tmp_path)
     assert result.returncode == 1
     assert "+    return envs  # a fix made in one copy only" in result.stdout  # the diff shows the edit
-    assert "+    seed: int = 2" in result.stdout and "cql.py (main), cql.py (args)" in result.stdout
+    assert "+    seed: int = 2" in result.stdout and "cql.py (main), cql.py (loop), cql.py (args)" in result.stdout
 
     assert checker(tmp_path, "--fix").returncode == 0
     assert edited.read_text() == original

@@ -1,10 +1,11 @@
 """Keeps the shared block of the algorithm scripts word for word the same.
 
-Every algorithm script (iql.py, cql.py, ...) stands alone, so the code that is not the algorithm (data, evaluation,
-configuration, checkpoints, the training loop) is repeated in each of them, between marker comments:
+Every algorithm script (iql.py, cql.py, ...) stands alone, so the code that is not the algorithm (the training loop,
+data, evaluation, configuration, checkpoints) is repeated in each of them, between marker comments:
 
-    # ===== SHARED BLOCK begins =====          ...          # ===== SHARED BLOCK ends =====
-    # ----- SHARED BLOCK (args) begins -----   ...          # ----- SHARED BLOCK (args) ends -----   (inside Args)
+    # ----- SHARED BLOCK (args) begins -----   ...   # ----- SHARED BLOCK (args) ends -----   (run fields, in Args)
+    # ===== SHARED BLOCK (loop) begins =====   ...   # ===== SHARED BLOCK (loop) ends =====   (after the update)
+    # ===== SHARED BLOCK begins =====          ...   # ===== SHARED BLOCK ends =====          (the rest, last)
 
 iql.py is the source. `python tools/shared_block.py` compares every other script that has the markers with it,
 prints a diff of each block that differs and exits with 1; `--fix` rewrites those blocks from iql.py. The idea is
