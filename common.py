@@ -1,6 +1,6 @@
 """Small tensor helpers shared by the algorithm scripts: batched ("ensemble") layers that run twin critics as one
 matmul, float32 output layers for --bf16, Adam and the --bf16/--compile wrapper of an update step, Polyak averaging,
-RNG state and the atomic checkpoint write. Data loading and evaluation are deliberately not here: each script shows
+RNG state and atomic file writes. Data loading and evaluation are deliberately not here: each script shows
 its whole data path (its shared block)."""
 
 import io
@@ -129,24 +129,32 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> None:
-    """checkpoints/step_<N>.pt and last.pt, each written to a temporary file, flushed and renamed (a crash or a
-    full disk leaves the previous checkpoint intact); keeps the last `keep` step files. A failure only warns."""
-    ckpt_dir, buffer = run_dir / "checkpoints", io.BytesIO()
+def serialize(state: dict) -> memoryview:
+    buffer = io.BytesIO()
     torch.save(state, buffer)
+    return buffer.getbuffer()
+
+
+def atomic_write(path: Path, data) -> None:
+    """Bytes to a temporary file of this process, flushed and renamed: a crash or a full disk leaves the previous file
+    whole. Raises OSError when the write fails."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for path in (ckpt_dir / f"step_{step}.pt", ckpt_dir / "last.pt"):
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(buffer.getbuffer())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem[5:]))[:-keep]:
-            old.unlink()
-    except OSError as e:
-        print(f"warning: checkpoint at step {step} not written ({e}); the previous one is kept")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(run_dir: Path, state: dict, step: int, keep: int) -> None:
+    """checkpoints/step_<N>.pt and last.pt, each written atomically; keeps the last `keep` step files. Raises OSError
+    when a write fails (the previous checkpoints stay whole)."""
+    data = serialize(state)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for path in (run_dir / "checkpoints" / f"step_{step}.pt", run_dir / "checkpoints" / "last.pt"):
+        atomic_write(path, data)
+    for old in sorted((run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem[5:]))[:-keep]:
+        old.unlink()

@@ -11,20 +11,24 @@ training loop, then the rest of the shared block that every algorithm script hol
 configuration, checkpoints).
 """
 
+import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import importlib.metadata
+import importlib.util
+import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import gymnasium as gym
 import minari
@@ -39,6 +43,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import common
+
+try:
+    import fcntl  # the run folder's lock
+except ImportError:  # Windows: no lock
+    fcntl = None
 
 ALGO = "cql"
 NEEDS_NEXT_ACTION = False  # CQL's batches need no next action: every transition is sampled
@@ -81,7 +90,7 @@ class Args:
     seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
     total_steps: int = 1_000_000  # number of gradient steps
     batch_size: int = 256  # transitions per gradient step
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to train; auto picks cuda, then mps, then cpu
+    device: str = "auto"  # auto (cuda, then mps, then cpu) or any torch device: cpu, cuda, cuda:1, mps
     config: str | None = None  # YAML of overrides (keys: these fields), applied after the per-domain settings
     eval_every: int = 5000  # evaluate the policy every this many steps (and at the end)
     eval_episodes: int = 10  # episodes per evaluation, run in parallel; 0: train without an environment
@@ -90,7 +99,7 @@ class Args:
     keep_checkpoints: int = 3  # how many step_<N>.pt files to keep (last.pt is always kept)
     output: str = "runs"  # parent folder of the run folder
     run_name: str | None = None  # name of the run folder inside --output; default <env>__<algo>__<seed>__<unix time>
-    resume: str | None = None  # continue a run: its folder or a checkpoint file (only --device may be given with it)
+    resume: str | None = None  # continue a run (its folder or checkpoint); with a larger --total-steps: train further
     track: bool = False  # log to Weights & Biases (pip install wandb); project: $WANDB_PROJECT
     capture_video: bool = False  # save a GIF of one evaluation episode to <run>/videos/ (MuJoCo: MUJOCO_GL=egl)
     compile: bool = False  # torch.compile the update step
@@ -137,7 +146,7 @@ DOMAIN_SETTINGS = {
     "antmaze": {  # antmaze/*_v2.yaml; rewards: normalize_reward true with reward_scale 10, reward_bias -5
         "cql_alpha": 5.0, "cql_lagrange": True, "cql_target_action_gap": 0.8, "cql_max_target_backup": True,
         "cql_clip_diff_min": -200.0, "critic_n_hidden": 5, "actor_lr": 1e-4, "normalize_states": False,
-        "reward_scale": 10.0, "reward_bias": -5.0, "eval_episodes": 100,
+        "reward_scale": 10.0, "reward_bias": -5.0, "eval_every": 50_000, "eval_episodes": 100,
     },
     "adroit": {"cql_alpha": 1.0, "actor_lr": 1e-4},  # {pen,door,hammer,relocate}/*_v1.yaml
     "pointmaze": {"cql_lagrange": True, "cql_target_action_gap": 5.0, "eval_episodes": 100},  # maze2d/*_v1.yaml
@@ -148,7 +157,7 @@ DATASET_SETTINGS = {}  # none: CQL's settings are per domain
 # max-target backup, the gap clipped at -200 and raw states.
 FINETUNE_SETTINGS = {
     "adroit": {"cql_max_target_backup": True, "cql_clip_diff_min": -200.0, "normalize_states": False},
-}
+}  # (AntMaze's eval_freq 50000 comes with its offline row)
 
 
 # -------- ALGO LOGIC: networks ------------------------------------------------------------------------------------
@@ -398,38 +407,37 @@ def explore(nets: dict, obs: torch.Tensor, args: Args) -> torch.Tensor:
 
 
 # ======== SHARED BLOCK (loop) begins ========
-# The training loop and the rest of the shared block (after the algorithm) are the same text in every algorithm
-# script: edit them in iql.py, then `python tools/shared_block.py --fix` copies them. They use these names of the
-# algorithm part: ALGO, NEEDS_NEXT_ACTION (batches carry the episode's next action), Args (with discount,
-# normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio), check_args, DOMAIN_SETTINGS,
-# DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; its "actor" maps standardized states to
-# actions in [-1, 1]), make_optimizers (a dict of objects with a state_dict; "actor_opt" is the actor's), make_update
-# (update(batch, step) -> a dict of detached tensors) and explore (the online behaviour policy).
+# The loop and the shared block after the algorithm are the same in every script: edit them in iql.py, then run
+# `python tools/shared_block.py --fix`. They use of the algorithm: ALGO, NEEDS_NEXT_ACTION (batches carry the next
+# action), Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio),
+# check_args, DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; "actor": states
+# to actions in [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a
+# dict of detached tensors) and explore (the online behaviour policy).
 def train(args: Args, ckpt: dict | None = None) -> None:
-    """Sample a batch, update, log, evaluate, checkpoint. The online steps after total_steps first act once in the
-    environment with explore(), then draw batches from the offline and the online transitions."""
-    run = Run(args, ckpt)  # data, networks, optimizers, envs, run folder; as the checkpoint left them on --resume
-    args = run.args  # a dataset without an environment: no evaluation
-    update = make_update(run.nets, run.opts, args)
-    for step in range(run.step + 1, args.total_steps + args.online_steps + 1):
-        if step <= args.total_steps:
-            batch = run.buffer.sample(args.batch_size)
-        else:
-            run.online_step(step)
-            batch = run.buffer.sample(args.batch_size, args.mixing_ratio)
-        metrics = update(batch, step)
+    """Sample a batch, update, log, evaluate, checkpoint; online (after total_steps), an env step first."""
+    # data, networks, optimizers, envs and the run folder; on --resume, as the checkpoint left them
+    with Run(args, ckpt) as run:
+        args = run.args  # a dataset without an environment: no evaluation
+        update = make_update(run.nets, run.opts, args)
+        for step in range(run.step + 1, args.total_steps + args.online_steps + 1):
+            if step <= args.total_steps:
+                batch = run.buffer.sample(args.batch_size)
+            else:
+                run.online_step(step)
+                batch = run.buffer.sample(args.batch_size, args.mixing_ratio)
+            metrics = update(batch, step)
 
-        phase_ends = step in (args.total_steps, args.total_steps + args.online_steps)
-        checkpoint_now = step % args.checkpoint_every == 0 or phase_ends or run.stop
-        if step % args.log_every == 0 or checkpoint_now:
-            run.log(step, metrics)  # the only host sync of training
-        if args.eval_episodes and (step % args.eval_every == 0 or phase_ends):
-            run.evaluate(step)
-        if checkpoint_now:
-            run.checkpoint(step)
-        if run.stop:
-            break
-    run.close()
+            phase_ends = step in (args.total_steps, args.total_steps + args.online_steps)
+            checkpoint_now = step % args.checkpoint_every == 0 or phase_ends or run.stop
+            if step % args.log_every == 0 or checkpoint_now:
+                run.log(step, metrics)  # the only host sync of training
+            if args.eval_episodes and (step % args.eval_every == 0 or phase_ends):
+                run.evaluate(step)  # and checkpoints/best.pt when it is the best so far
+            if checkpoint_now:
+                run.checkpoint(step)
+            if run.stop:
+                break
+        run.finish()
 
 
 # ======== SHARED BLOCK (loop) ends ========
@@ -442,7 +450,7 @@ class UserError(Exception):
 
 # -------- The run: set up, log, evaluate, checkpoint --------
 class Run:
-    """What the training loop works with, set up from the arguments, or from a checkpoint to resume."""
+    """What the loop works with, from the arguments or a checkpoint; the run folder is locked while it trains."""
 
     def __init__(self, args: Args, ckpt: dict | None):
         self.device = pick_device(args.device)
@@ -456,7 +464,7 @@ class Run:
         obs_dim, act_dim = self.buffer.obs.shape[1], len(self.stats["action_low"])
         print(f"{self.dataset.id}: {self.buffer.n_steps} transitions, {self.dataset.total_episodes} episodes")
         self.envs = make_eval_envs(self.dataset, args.eval_episodes, obs_dim, act_dim) if args.eval_episodes else None
-        self.run_dir = make_run_dir(args)
+        self.run_dir, self.lock = make_run_dir(args)
         self.nets = {name: net.to(self.device) for name, net in make_networks(args, obs_dim, act_dim).items()}
         self.opts = make_optimizers(self.nets, args)
         self.policy = numpy_policy(Policy(self.nets["actor"], self.stats).to(self.device), self.device)
@@ -468,7 +476,7 @@ class Run:
             self.step, self.history, self.clock = ckpt["step"], ckpt["eval_history"], ckpt["clock"]
             if ckpt["online"] is not None:
                 self.online = OnlinePhase(self.dataset, self.buffer, self.stats, args, self.device, ckpt["online"])
-            print(f"resumed {self.run_dir} at step {self.step}")
+            print(f"resumed {self.run_dir} at step {self.step} of {args.total_steps + args.online_steps}")
         if args.track:
             import wandb
 
@@ -477,16 +485,28 @@ class Run:
             name = self.run_dir.name
             wandb.init(project=project, name=name, id=name, config=config, sync_tensorboard=True, resume="allow")
         self.writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.step else None)
-        self.stop = []  # signals received: finish the step, checkpoint, exit
+        self.stop = []  # signals: finish the step, checkpoint, exit
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: self.stop.append(signum))
         self.started = time.time() - self.clock["wall"]
-        self.window = {"since": time.time(), "step": self.step}  # SPS counts training time only
-        self.progress = tqdm(initial=self.step, total=args.total_steps + args.online_steps)
+        self.window = {"since": time.time(), "step": self.step, "sps": None}  # SPS counts training time only
+        self.progress = tqdm(initial=self.step, total=args.total_steps + args.online_steps, desc=self.phase(self.step))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.lock.close()
+
+    def phase(self, step: int) -> str:
+        return "offline" if step <= self.args.total_steps else "online"
 
     def online_step(self, step: int) -> None:
         if self.online is None:
             self.online = OnlinePhase(self.dataset, self.buffer, self.stats, self.args, self.device, None)
+            self.progress.set_description("online")
         episode = self.online.step(self.nets)
         if episode is not None:
             self.writer.add_scalar("online/episode_return", episode["return"], step)
@@ -508,7 +528,7 @@ class Run:
             self.writer.add_scalar(name, value, step)
         self.progress.update(step - self.progress.n)
         self.progress.set_postfix(sps=f"{values['charts/SPS']:.0f}")
-        self.window = {"since": time.time(), "step": step}
+        self.window = {"since": time.time(), "step": step, "sps": values["charts/SPS"]}
 
     def evaluate(self, step: int) -> None:
         started = time.time()
@@ -528,41 +548,99 @@ class Run:
             if problem:
                 tqdm.write(problem)
                 self.args.capture_video = False
+        if result["return"] > max((h["return"] for h in self.history), default=-math.inf):
+            best = {"algo": ALGO, "minari_id": self.dataset.id, "dataset": dataset_fingerprint(self.dataset)}
+            best.update(step=step, args=dataclasses.asdict(self.args), normalization=self.stats)
+            best.update(actor=self.nets["actor"].state_dict(), evaluation=result)  # what policy.py reads
+            self.save(self.run_dir / "checkpoints" / "best.pt", best, step)
         self.nets["actor"].train()
-        result["seconds"] = round(time.time() - started, 3)
         self.history.append(result)
+        x = returns if scores is None else scores
+        line = f"{'return' if scores is None else 'normalized score'} {x.mean():.1f} ± {x.std():.1f}"
+        line += "" if success is None else f", success {success.mean():.2f}"
+        line += "" if self.window["sps"] is None else f", {self.window['sps']:.0f} steps/s"
+        elapsed = datetime.timedelta(seconds=round(time.time() - self.started))
+        total = self.args.total_steps + self.args.online_steps
+        tqdm.write(f"step {step}/{total} {self.phase(step)}: {line}, {elapsed} elapsed")
+        result["seconds"] = round(time.time() - started, 3)
         self.window["since"] += time.time() - started
 
     def checkpoint(self, step: int) -> None:
         started = time.time()
-        self.step = step
         self.clock["wall"] = time.time() - self.started
         state = {name: obj.state_dict() for name, obj in {**self.nets, **self.opts}.items()}
         state.update(algo=ALGO, minari_id=self.dataset.id, dataset=dataset_fingerprint(self.dataset), step=step)
         state.update(args=dataclasses.asdict(self.args), clock=self.clock, normalization=self.stats)
         state.update(eval_history=self.history, rng=common.get_rng_states(self.buffer.generator))
         state.update(online=None if self.online is None else self.online.state())
-        common.save_checkpoint(self.run_dir, state, step, self.args.keep_checkpoints)
-        write_summary(self)
+        self.save(None, state, step)
+        self.step = step
+        self.save(self.run_dir / "summary.json", summary(self), step)
         self.window["since"] += time.time() - started
 
-    def close(self) -> None:
+    def save(self, file: Path | None, state: dict, step: int) -> None:
+        """The checkpoint (file None), best.pt or summary.json, whole or not at all; a failed write stops the run."""
+        try:
+            if file is None:
+                common.save_checkpoint(self.run_dir, state, step, self.args.keep_checkpoints)
+            elif file.suffix == ".json":
+                common.atomic_write(file, json.dumps(state, indent=2).encode())
+            else:
+                common.atomic_write(file, common.serialize(state))
+        except OSError as e:
+            last = f"step {self.step}" if self.step else "none"
+            raise UserError(
+                f"could not write {file or 'the checkpoint'} at step {step} ({e}); the run stops. Its last checkpoint: "
+                f"{last}. Make room, then continue with --resume {self.run_dir}."
+            ) from None
+
+    def finish(self) -> None:
         self.progress.close()
-        self.writer.close()
         if self.stop:
             print(
                 f"interrupted at step {self.step}; checkpoint saved. Resume: python {ALGO}.py --resume {self.run_dir}"
             )
             sys.exit(128 + self.stop[0])
-        last = self.history[-1] if self.history else None
-        print(f"done: {self.run_dir} (final score {None if last is None else last['normalized_score']})")
+        print(f"done: {self.run_dir}")
+        if self.history:
+            name = "return" if self.history[-1]["normalized_score"] is None else "normalized_score"
+            best = max(self.history, key=lambda h: h["return"])
+            final = f"final {self.history[-1][name]:.1f}, best {best[name]:.1f} at step {best['step']}"
+            print(f"{name.replace('_', ' ')}: {final} (means over {self.args.eval_episodes} episodes)")
+            print(f"best policy: {self.run_dir / 'checkpoints' / 'best.pt'}")
+
+
+class Console(io.TextIOBase):
+    """Standard output, and a copy of it: in memory until the run folder exists, then in its console.log."""
+
+    def __init__(self, stdout):
+        self.stdout = stdout
+        self.copy = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stdout.write(text)
+
+    def flush(self) -> None:
+        self.copy.flush()
+        self.stdout.flush()
+
+    def keep_in(self, file: Path) -> None:
+        log = open(file, "a")
+        log.write(self.copy.getvalue())
+        self.copy = log
 
 
 def pick_device(name: str) -> torch.device:
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name != "auto" and not available[name]:
-        raise UserError(f"--device {name} was asked for but is not available on this machine")
-    return torch.device(name if name != "auto" else next(kind for kind in available if available[kind]))
+    """auto: cuda, mps or cpu, the first available; else any torch device this machine has (cuda:1)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {name} is not available on this machine ({str(e)[:200]})") from None
+    return device
 
 
 def check_environment(dataset: minari.MinariDataset, args: Args) -> Args:
@@ -576,20 +654,26 @@ def check_environment(dataset: minari.MinariDataset, args: Args) -> Args:
     return dataclasses.replace(args, eval_episodes=0, capture_video=False)
 
 
-def make_run_dir(args: Args) -> Path:
-    """<output>/<env>__<algo>__<seed>__<unix time> (or --run-name) with args.yaml; a resumed run keeps its folder."""
-    if args.resume:
-        return Path(args.resume)
+def make_run_dir(args: Args) -> tuple:
+    """(folder, lock): <output>/<env>__<algo>__<seed>__<unix time> (or --run-name) with args.yaml, or the resumed
+    run's; locked for this process (the lock goes with the process, also when it crashes)."""
     name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output) / name
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
+    run_dir = Path(args.resume) if args.resume else Path(args.output) / name
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "w")
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
+            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
         (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
+        if isinstance(sys.stdout, Console):
+            sys.stdout.keep_in(run_dir / "console.log")
+    except BlockingIOError:
+        raise UserError(f"another process is training in {run_dir} right now: one run per folder") from None
     except OSError as e:
-        raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from e
-    return run_dir
+        raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from None
+    return run_dir, lock
 
 
 def check_finite(values: dict, since: int, step: int) -> None:
@@ -602,15 +686,15 @@ def check_finite(values: dict, since: int, step: int) -> None:
         )
 
 
-def write_summary(run: Run) -> None:
-    """summary.json, what sweep.py and report.py read (docs/usage.md), replaced atomically at every checkpoint."""
+def summary(run: Run) -> dict:
+    """summary.json, what sweep.py and report.py read (docs/usage.md)."""
     args, history, dataset = run.args, run.history, run.dataset
     scores = [h["normalized_score"] for h in history if h["normalized_score"] is not None]
     returns = [h["return"] for h in history]
     offline = [h for h in history if h["step"] == args.total_steps and args.online_steps]
     packages = ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")
     git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
-    summary = {
+    return {
         "algo": ALGO,
         "env": args.env,
         "minari_id": dataset.id,
@@ -637,8 +721,6 @@ def write_summary(run: Run) -> None:
         "args": dataclasses.asdict(args),
         "eval_history": history,
     }
-    (run.run_dir / "summary.json.tmp").write_text(json.dumps(summary, indent=2))
-    os.replace(run.run_dir / "summary.json.tmp", run.run_dir / "summary.json")
 
 
 # -------- Data: dataset names, Minari loading --------
@@ -679,20 +761,28 @@ def resolve_dataset_name(name: str) -> tuple:
             if minari_id.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]:
                 return name, domain
         return name, "other"
+    local = minari.list_local_datasets()
     task = name.split("-")[0]
-    if task in ("halfcheetah", "hopper", "walker2d", "ant"):
+    if name in gym.registry:
+        recorded = [i for i, meta in local.items() if json.loads(meta.get("env_spec") or "{}").get("id") == name]
+        found = f"local datasets recorded in it: {', '.join(recorded)}" if recorded else "no local dataset is from it"
+        raise UserError(
+            f"'{name}' is a Gymnasium environment, not a dataset ({found}). Record one with `python collect.py --env "
+            f"{name} --dataset-id local/{name.split('-')[0].lower()}/medium-v0 ...` (docs/collect.md)."
+        )
+    if task in ("halfcheetah", "hopper", "walker2d", "ant") and re.fullmatch(r"[a-z0-9]+-[a-z-]+-v\d+", name):
         hint = f" Minari does not host D4RL locomotion; closest: mujoco/{task}/simple-v0, medium-v0, expert-v0."
     else:
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, [*names, *local], n=3, cutoff=0.6)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise UserError(
         f"unknown dataset '{name}'.{hint} Give a D4RL-style name (door-human-v2, antmaze-umaze-v1, "
-        "kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/'."
+        "kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/' (`minari list local` lists yours)."
     )
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
-    """The local copy if there is one, else a download."""
+    """The local copy; else, for an id that is not local/... and that no local id nearly matches, a download."""
     try:
         minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
     except ValueError:
@@ -701,6 +791,13 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
             "(D4RL/door/human-v2, mujoco/hopper/medium-v0, local/x/random-v0)"
         ) from None
     local = Path(minari.storage.get_dataset_path(dataset_id))
+    close = difflib.get_close_matches(dataset_id, minari.list_local_datasets(), n=3, cutoff=0.8)
+    if not (local / "data").exists() and (dataset_id.startswith("local/") or close):
+        hint = f"Did you mean {' or '.join(close)}? " if close else ""
+        raise UserError(
+            f"dataset '{dataset_id}' is not in the local Minari store (no {local}). {hint}`minari list local` "
+            "lists the local datasets; collect.py records new ones."
+        )
     try:
         dataset = minari.load_dataset(dataset_id, download=True)
         next(dataset.iterate_episodes(), None)  # a truncated copy fails here, not in training
@@ -761,10 +858,12 @@ class Buffer:
     rows: torch.Tensor  # (2, capacity): rows of s and s'
     index: torch.Tensor  # (capacity,): the transitions batches are drawn from
     generator: torch.Generator
-    n_offline: int
+    n_offline: int  # index[:n_offline]: the offline transitions
     n_index: int
-    n_steps: int
+    n_steps: int  # transitions stored: the offline ones, then the online ones
     n_obs: int
+    offline_steps: int
+    offline_rows: int
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
@@ -818,29 +917,29 @@ class Buffer:
         self.n_index += end - first
         self.episode_start = self.n_steps
 
-    def online_state(self, offline_steps: int, offline_rows: int) -> dict:
+    def online_state(self) -> dict:
         return {
-            "obs": self.obs[offline_rows : self.n_obs].cpu(),
-            "steps": self.steps[offline_steps : self.n_steps].cpu(),
-            "rows": self.rows[:, offline_steps : self.n_steps].cpu(),
+            "obs": self.obs[self.offline_rows : self.n_obs].cpu(),
+            "steps": self.steps[self.offline_steps : self.n_steps].cpu(),
+            "rows": self.rows[:, self.offline_steps : self.n_steps].cpu(),
             "index": self.index[self.n_offline : self.n_index].cpu(),
             "episode_start": self.episode_start,
         }
 
-    def load_online_state(self, state: dict, offline_steps: int, offline_rows: int) -> None:
-        self.n_obs = offline_rows + len(state["obs"])
-        self.n_steps = offline_steps + len(state["steps"])
+    def load_online_state(self, state: dict) -> None:
+        self.n_obs = self.offline_rows + len(state["obs"])
+        self.n_steps = self.offline_steps + len(state["steps"])
         self.n_index = self.n_offline + len(state["index"])
-        self.obs[offline_rows : self.n_obs] = state["obs"]
-        self.steps[offline_steps : self.n_steps] = state["steps"]
-        self.rows[:, offline_steps : self.n_steps] = state["rows"]
+        self.obs[self.offline_rows : self.n_obs] = state["obs"]
+        self.steps[self.offline_steps : self.n_steps] = state["steps"]
+        self.rows[:, self.offline_steps : self.n_steps] = state["rows"]
         self.index[self.n_offline : self.n_index] = state["index"]
         self.episode_start = state["episode_start"]
 
 
 def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device) -> tuple:
-    """(buffer, statistics): every episode read into preallocated tensors, checked for non-finite values, rewards
-    transformed, actions scaled to [-1, 1] and states standardized in place; room for args.online_steps more."""
+    """(buffer, statistics): every episode read into preallocated tensors and checked, rewards transformed, actions
+    scaled to [-1, 1] and states standardized in place; room for args.online_steps more transitions."""
     space = dataset.action_space
     if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
         raise UserError(
@@ -850,25 +949,35 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
         raise UserError(f"dataset {dataset.id} has no episodes")
     low = space.low.astype(np.float32).ravel()
     high = space.high.astype(np.float32).ravel()
+    obs_dim, act_dim = gym.spaces.flatdim(dataset.observation_space), len(low)
     n = dataset.total_steps
     n_offline_rows = n + dataset.total_episodes
     capacity = n + args.online_steps
     # an online step adds one observation, an online episode one more (its first): at most 2 per step, and 1
     n_rows = n_offline_rows + (2 * args.online_steps + 1 if args.online_steps else 0)
+    numbers = n_rows * obs_dim + (capacity + 1) * (act_dim + 3) + 4 * capacity  # float32 and int64 (2 each)
+    check_memory(numbers, args.batch_size * (2 * obs_dim + 2 * act_dim + 4), device)
     # allocated by torch, filled through numpy views (numpy's huge-page allocation made the first fill 4x slower)
-    obs_tensor = torch.empty(n_rows, gym.spaces.flatdim(dataset.observation_space))
-    steps_tensor = torch.zeros(capacity + 1, len(low) + 3)
+    obs_tensor = torch.empty(n_rows, obs_dim)
+    steps_tensor = torch.zeros(capacity + 1, act_dim + 3)
     rows_tensor = torch.zeros(2, capacity, dtype=torch.int64)
     index_tensor = torch.zeros(capacity, dtype=torch.int64)
     obs, steps, rows = obs_tensor.numpy(), steps_tensor.numpy(), rows_tensor.numpy()
     returns, lengths = [], []
     sampled = np.ones(n, bool)
     t = 0  # transitions so far; episode k's observations start at row t + k
-    for k, episode in enumerate(dataset.iterate_episodes()):
+    for k, episode in enumerate(read_episodes(dataset)):
         T = len(episode.rewards)
-        x = obs[t + k : t + k + T + 1]
-        x[:] = flatten(dataset.observation_space, episode.observations)
-        steps[t : t + T, :-3] = np.reshape(episode.actions, (T, -1))
+        x = flatten(dataset.observation_space, episode.observations)
+        actions = np.asarray(episode.actions)
+        if x.shape != (T + 1, obs_dim) or len(actions) != T or actions.size != T * act_dim or t + T > n:
+            raise UserError(
+                f"dataset {dataset.id}: episode {episode.id} does not match its spaces or size ({T} rewards, "
+                f"observations {x.shape}, actions {actions.shape}; expected ({T + 1}, {obs_dim}) and ({T}, {act_dim}), "
+                f"{n} steps in all)"
+            )
+        obs[t + k : t + k + T + 1] = x
+        steps[t : t + T, :-3] = actions.reshape(T, act_dim)
         steps[t : t + T, -3] = episode.rewards
         steps[t : t + T, -2] = episode.terminations
         if not np.isfinite(x).all() or not np.isfinite(steps[t : t + T]).all():
@@ -903,7 +1012,36 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     torch.addcmul(-stats["obs_mean"] / stats["obs_std"], offline, 1 / stats["obs_std"], out=offline)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
-    return Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows), stats
+    return Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows), stats
+
+
+def read_episodes(dataset: minari.MinariDataset):
+    """The dataset's episodes; one that cannot be read (a missing key, a broken array) is a clear error."""
+    episodes = dataset.iterate_episodes()
+    for k in range(dataset.total_episodes):
+        try:
+            yield next(episodes)
+        except (KeyError, ValueError, TypeError, OSError, StopIteration) as e:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            raise UserError(
+                f"dataset {dataset.id}: episode {k} cannot be read ({why}); the dataset is damaged"
+            ) from None
+
+
+def check_memory(buffer_numbers: int, batch_numbers: int, device: torch.device) -> None:
+    """The buffer and a batch (float32 numbers) must fit in the device's memory: refused before allocating."""
+    try:
+        if device.type == "cuda":
+            memory = torch.cuda.mem_get_info(device)[0]
+        else:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no way to tell here (Windows)
+        return
+    if 4 * (buffer_numbers + batch_numbers) > memory:
+        sizes = f"{4 * buffer_numbers / 2**30:.1f} GiB of data and {4 * batch_numbers / 2**30:.1f} GiB per batch"
+        raise UserError(
+            f"{sizes} do not fit in the {memory / 2**30:.1f} GiB of {device}: lower --batch-size or --online-steps"
+        )
 
 
 def returns_to_go(rewards: np.ndarray, lengths: list, discount: float, failure_reward: float | None) -> np.ndarray:
@@ -1028,7 +1166,8 @@ def record_video(dataset, policy, seed: int, file: Path) -> str | None:
         frames[0].save(file, save_all=True, append_images=frames[1:], duration=33, loop=0)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:200]}"
-        return f"--capture-video: this env cannot render here ({why}). MuJoCo needs MUJOCO_GL=egl or osmesa."
+        hint = "pip install pygame (it draws the classic-control envs)" if "pygame" in why else "MuJoCo: MUJOCO_GL=egl"
+        return f"--capture-video: this env cannot render here ({why}). {hint}; the run goes on without videos."
 
 
 # -------- Online fine-tuning --------
@@ -1040,11 +1179,9 @@ class OnlinePhase:
     def __init__(self, dataset, buffer: Buffer, stats: dict, args: Args, device: torch.device, state: dict | None):
         self.env = make_eval_env(dataset)
         self.buffer, self.stats, self.args, self.device = buffer, stats, args, device
-        self.offline_steps = dataset.total_steps
-        self.offline_rows = dataset.total_steps + dataset.total_episodes
         self.episodes = [] if state is None else state["episodes"]  # return, length, success of each
         if state is not None:
-            buffer.load_online_state(state["buffer"], self.offline_steps, self.offline_rows)
+            buffer.load_online_state(state["buffer"])
             if buffer.n_steps > buffer.episode_start:
                 buffer.end_episode(False, args.discount, stats["failure_reward"])
         self.start_episode()
@@ -1088,13 +1225,13 @@ class OnlinePhase:
         rate = float(np.mean(successes)) if successes else None
         return {
             "episodes": len(self.episodes),
-            "env_steps": self.buffer.n_steps - self.offline_steps,
+            "env_steps": self.buffer.n_steps - self.buffer.offline_steps,
             "success_rate": rate,
             "regret": None if rate is None else 1.0 - rate,
         }
 
     def state(self) -> dict:
-        return {"buffer": self.buffer.online_state(self.offline_steps, self.offline_rows), "episodes": self.episodes}
+        return {"buffer": self.buffer.online_state(), "episodes": self.episodes}
 
 
 # -------- TRY NOT TO MODIFY: configuration and resume --------
@@ -1105,8 +1242,10 @@ def parse_args(argv: list) -> tuple:
     if args.resume:
         return resume_args(argv, args.resume)
     config = config_flags(args.config)
-    settings = tuned_settings(args.env, tyro.cli(Args, args=[*config, *argv]).online_steps > 0)
-    print(f"per-domain settings for {args.env}: {settings or 'none (Args defaults)'}")
+    online = tyro.cli(Args, args=[*config, *argv]).online_steps > 0
+    settings = tuned_settings(args.env, online)
+    tables = "DOMAIN_SETTINGS, DATASET_SETTINGS" + (", FINETUNE_SETTINGS" if online else "")
+    print(f"settings for {args.env} ({tables}): {settings or 'none (Args defaults)'}")
     return validate(tyro.cli(Args, args=[*as_flags(settings), *config, *argv])), None
 
 
@@ -1138,18 +1277,20 @@ def config_flags(path: str | None) -> list:
     if path is None:
         return []
     try:
-        flags = as_flags(yaml.safe_load(Path(path).read_text()) or {})
+        flags = as_flags(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
         tyro.cli(Args, args=flags)
-    except (OSError, yaml.YAMLError, AttributeError, SystemExit) as e:
-        detail = "" if isinstance(e, SystemExit) else f" ({e})"
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, SystemExit) as e:
+        detail = "" if isinstance(e, SystemExit) else f" ({str(e)[:200]})"
         raise UserError(
-            f"in --config {path}: expected a YAML mapping of Args fields, read like flags{detail}"
+            f"in --config {path}: expected a UTF-8 YAML mapping of Args fields, read like flags{detail}"
         ) from None
     return flags
 
 
 def validate(args: Args) -> Args:
     """The run's settings, then the algorithm's (check_args), before any data is loaded."""
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UserError("--track logs to Weights & Biases, which is not installed: pip install wandb (or drop --track)")
     problems = []
     if args.total_steps <= 0 or args.batch_size <= 0 or args.online_steps < 0:
         problems.append("total_steps and batch_size must be > 0, online_steps >= 0")
@@ -1161,6 +1302,8 @@ def validate(args: Args) -> Args:
         problems.append("--capture-video needs evaluation episodes")
     if args.mixing_ratio is not None and not 0 <= args.mixing_ratio <= 1:
         problems.append("mixing_ratio must be in [0, 1] (or None: uniform)")
+    if args.run_name is not None and (Path(args.run_name).name != args.run_name or args.run_name in ("", ".", "..")):
+        problems.append("run_name must be a folder name, inside --output (no '/' or '..')")
     problems += check_args(args)
     if problems:
         raise UserError(f"invalid hyperparameters: {'; '.join(problems)}.")
@@ -1168,31 +1311,66 @@ def validate(args: Args) -> Args:
 
 
 def resume_args(argv: list, path: str) -> tuple:
-    """(the run's arguments, its checkpoint): a run folder's checkpoints/last.pt, or a checkpoint file, read
-    weights-only (a checkpoint holds tensors, numbers, strings, lists and dicts: one from someone else cannot run
-    code). Only --device may change."""
+    """(the run's arguments, its checkpoint) from a run folder (its checkpoints/last.pt) or one of its checkpoint
+    files. Only --device may change, and a larger --total-steps (--online-steps in a fine-tuning run) extends it."""
     file = Path(path) / "checkpoints" / "last.pt" if Path(path).is_dir() else Path(path)
+    if file.parent.name != "checkpoints" or file.name == "best.pt":
+        raise UserError(f"--resume {path}: give a run folder, or a last.pt or step_<N>.pt in its checkpoints/ folder")
+    ckpt = read_checkpoint(file)
+    saved = Args(**ckpt["args"])
+    given = tyro.cli(Args, args=argv, default=saved)
+    extend = "online_steps" if saved.online_steps else "total_steps"
+    changed = []
+    for key, value in dataclasses.asdict(saved).items():
+        grows = key == extend and getattr(given, key) > value
+        if getattr(given, key) != value and key not in ("resume", "device") and not grows:
+            changed.append(f"{key} ({value} -> {getattr(given, key)})")
+    if changed:
+        raise UserError(
+            f"--resume keeps the run's dataset and hyperparameters; cannot change {', '.join(changed)} (only --device, "
+            f"and a larger --{extend.replace('_', '-')} to train further)"
+        )
+    args = dataclasses.replace(given, resume=str(file.parent.parent))
+    if ckpt["step"] >= args.total_steps + args.online_steps:
+        print(
+            f"{file.parent.parent} is finished (step {ckpt['step']}). To train further: --resume {file.parent.parent} "
+            f"--{extend.replace('_', '-')} N, with N larger than {getattr(saved, extend)}."
+        )
+        sys.exit(0)
+    return validate(args), ckpt
+
+
+def read_checkpoint(file: Path) -> dict:
+    """A checkpoint of this script, read weights-only: it holds tensors, numbers, strings, lists and dicts, so one
+    from someone else cannot run code. A damaged last.pt names the newest readable step_<N>.pt."""
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
         if ckpt["algo"] != ALGO:
-            raise ValueError(f"it is a checkpoint of {ckpt['algo']}.py")
-        saved = Args(**ckpt["args"])
+            raise UserError(f"--resume {file}: it is a checkpoint of {ckpt['algo']}.py, not of {ALGO}.py")
+        Args(**ckpt["args"])
+        return ckpt
+    except UserError:
+        raise
     except Exception as e:
-        raise UserError(f"--resume {path}: not a readable {ALGO}.py checkpoint ({e})") from e
-    given = tyro.cli(Args, args=argv, default=saved)
-    changed = []
-    for key, value in dataclasses.asdict(saved).items():
-        if getattr(given, key) != value and key not in ("resume", "device"):
-            changed.append(f"{key} ({value} -> {getattr(given, key)})")
-    if changed:
-        raise UserError(f"--resume keeps the run's dataset and hyperparameters; cannot change {', '.join(changed)}")
-    return dataclasses.replace(saved, resume=str(file.parent.parent), device=given.device), ckpt
+        why = "it needs code to load" if "weights_only" in str(e) else f"{type(e).__name__}: {str(e)[:200]}"
+        hint = ""
+        for older in sorted(file.parent.glob("step_*.pt"), key=lambda p: -int(p.stem[5:])):
+            if older != file and not hint and older.stat().st_size > 0:
+                with contextlib.suppress(Exception):
+                    torch.load(older, map_location="cpu", weights_only=True)
+                    hint = f" The newest readable checkpoint: --resume {older}"
+        raise UserError(f"--resume {file}: not a readable {ALGO}.py checkpoint ({why}).{hint}") from None
 
 
 def main(argv: list) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")  # --capture-video: MuJoCo renders offscreen
-    args, ckpt = parse_args(argv)
-    train(args, ckpt)
+    sys.stdout = Console(sys.stdout)  # and into <run>/console.log
+    try:
+        args, ckpt = parse_args(argv)
+        train(args, ckpt)
+    finally:
+        sys.stdout.copy.close()
+        sys.stdout = sys.stdout.stdout
 
 
 if __name__ == "__main__":

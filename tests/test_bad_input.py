@@ -4,8 +4,10 @@ environment, a run folder that already holds a run. Every algorithm script holds
 (tools/shared_block.py checks it), so these run iql.py; each script's own hyperparameter checks are in
 test_scripts.py."""
 
+import importlib.util
 import json
 import shutil
+import time
 
 import gymnasium as gym
 import minari
@@ -42,6 +44,22 @@ def odd_datasets(minari_root):
 def test_unknown_dataset_names_suggest_close_matches(minari_root):
     assert_user_error(run_script(ALGO, "--env", "door-humen-v2"), "unknown dataset", "door-human-v2")
     assert_user_error(run_script(ALGO, "--env", "hopper-medium-v2"), "Minari does not host", "mujoco/hopper/")
+    assert_user_error(run_script(ALGO, "--env", "hopper-medium"), "Did you mean hopper-medium-v0")
+
+
+def test_an_environment_id_is_not_a_dataset_and_its_local_datasets_are_named(pendulum):
+    result = run_script(ALGO, "--env", "Pendulum-v1")
+    assert_user_error(result, "'Pendulum-v1' is a Gymnasium environment, not a dataset", pendulum, "collect.py")
+    assert "pen-human" not in result.stderr
+
+
+def test_a_local_id_with_a_typo_never_goes_to_the_network_and_names_the_local_match(pendulum):
+    """local/... ids, and ids a local one nearly matches, are answered from the local store at once."""
+    for typo in ("local/pendulum/randon-v0", "local/pendulum/random-v1", "local/pendulm/random-v0"):
+        started = time.time()
+        result = run_script(ALGO, "--env", typo)
+        assert_user_error(result, "not in the local Minari store", f"Did you mean {pendulum}", "minari list local")
+        assert "minari download" not in result.stderr and time.time() - started < 10  # no network retries
 
 
 def test_missing_dataset_without_network_explains_how_to_get_it(minari_root):
@@ -117,3 +135,54 @@ def test_run_name_fixes_the_folder_and_an_existing_run_is_not_overwritten(pendul
     assert run_script(ALGO, *args).returncode == 0
     assert (tmp_path / "grid__cell" / "checkpoints" / "last.pt").is_file()
     assert_user_error(run_script(ALGO, *args), "already holds a run", f"--resume {tmp_path / 'grid__cell'}")
+
+
+def test_run_names_stay_inside_the_output_folder(pendulum, tmp_path):
+    for name in ("../x", str(tmp_path / "abs"), "a/b", ".."):
+        result = run_script(ALGO, "--env", pendulum, "--output", tmp_path / "runs", "--run-name", name)
+        assert_user_error(result, "run_name must be a folder name")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
+
+
+def test_flags_that_need_what_is_not_there_are_refused_before_anything_is_loaded(pendulum, tmp_path):
+    """--track without wandb, a device this machine lacks, a batch that cannot fit in memory, a non-UTF-8 config:
+    exit code 2 and nothing written."""
+    out = ["--env", pendulum, "--output", tmp_path / "runs"]
+    if importlib.util.find_spec("wandb") is None:
+        assert_user_error(run_script(ALGO, *out, "--track"), "pip install wandb")
+    if not torch.cuda.is_available():
+        assert_user_error(run_script(ALGO, *out, "--device", "cuda:1"), "--device cuda:1 is not available")
+    assert_user_error(run_script(ALGO, *out, "--device", "gpu"), "--device gpu is not available")
+    assert_user_error(run_script(ALGO, *out, "--batch-size", 10**9), "per batch do not fit", "--batch-size")
+    (tmp_path / "latin1.yaml").write_bytes("# caf\xe9\nseed: 2\n".encode("latin-1"))
+    assert_user_error(run_script(ALGO, *out, "--config", tmp_path / "latin1.yaml"), "UTF-8", "latin1.yaml")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def inconsistent_datasets(minari_root, pendulum):
+    """Copies of the pendulum dataset with one HDF5 array edited: actions of the wrong width, one observation too few,
+    a missing rewards array."""
+    import h5py
+
+    ids = {}
+    for key in ("actions", "observations", "rewards"):
+        ids[key] = f"local/pendulum/bad-{key}-v0"
+        folder = minari.storage.get_dataset_path(ids[key])
+        shutil.copytree(minari.storage.get_dataset_path(pendulum), folder)
+        with h5py.File(folder / "data" / "main_data.hdf5", "r+") as f:
+            episode = f["episode_1"]
+            data = episode[key][()]
+            del episode[key]
+            if key == "actions":
+                episode.create_dataset(key, data=np.zeros((len(data), 2), np.float32))
+            elif key == "observations":
+                episode.create_dataset(key, data=data[:-2])
+    return ids
+
+
+def test_data_inconsistent_with_its_spaces_is_refused_with_what_and_where(inconsistent_datasets, tmp_path):
+    out = ["--output", tmp_path]
+    for key, phrase in (("actions", "actions (200, 2)"), ("observations", "observations (199, 3)"), ("rewards", "")):
+        result = run_script(ALGO, "--env", inconsistent_datasets[key], *out)
+        assert_user_error(result, f"dataset {inconsistent_datasets[key]}: episode 1", phrase)

@@ -5,6 +5,7 @@ stop a run before a checkpoint is written."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,11 +100,11 @@ def test_resume_refuses_a_checkpoint_of_another_dataset_or_algorithm(algo, refer
     run_dir = reference_runs(algo)
     assert_user_error(run_script(algo, "--env", door, "--resume", run_dir), f"cannot change env ({pendulum} -> {door})")
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    ckpt["algo"] = "other"
-    torch.save(ckpt, tmp_path / "other.pt")
-    assert_user_error(run_script(algo, "--resume", tmp_path / "other.pt"), "checkpoint of other.py")
-    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    assert_user_error(run_script(algo, "--resume", tmp_path / "garbage.pt"), "not a readable")
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({**ckpt, "algo": "other"}, tmp_path / "checkpoints" / "other.pt")
+    assert_user_error(run_script(algo, "--resume", tmp_path / "checkpoints" / "other.pt"), "checkpoint of other.py")
+    (tmp_path / "checkpoints" / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run_script(algo, "--resume", tmp_path / "checkpoints" / "garbage.pt"), "not a readable")
 
 
 def test_resume_refuses_to_change_hyperparameters(algo, reference_runs):
@@ -118,22 +119,80 @@ def test_only_the_last_keep_checkpoints_files_are_kept(algo, pendulum, tmp_path)
     assert names == ["last.pt", "step_300.pt", "step_400.pt"]
 
 
-def test_a_failed_checkpoint_write_warns_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+def disk_full(*args):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_checkpoint_write_raises_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     common.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)}, 1, keep=3)
-
-    def disk_full(fd):  # the bytes are in the temporary file, then the disk "fills up" before the rename
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(common.os, "fsync", disk_full)
-    common.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(3)}, 2, keep=3)
-    assert "No space left on device" in capsys.readouterr().out
+    monkeypatch.setattr(common.os, "fsync", disk_full)  # the bytes are in the temporary file, then the disk is full
+    with pytest.raises(OSError, match="No space left"):
+        common.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(3)}, 2, keep=3)
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_1.pt"]
 
 
-def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pendulum, tmp_path):
-    lrs = ["--actor-lr", "1e30", "--critic-lr", "1e30"] + (["--value-lr", "1e30"] if algo == "iql.py" else [])
-    result = run_script(algo, "--env", pendulum, *FAST, *small(algo), *lrs, "--output", tmp_path)
-    out = result.stdout + result.stderr
-    assert result.returncode == 3 and "Traceback" not in out, out
-    assert "losses/" in out and "became non-finite between steps 0 and 100" in out
+def test_a_run_whose_checkpoint_cannot_be_written_stops_and_is_not_marked_complete(pendulum, tmp_path, monkeypatch):
+    """The disk fills up after the checkpoint at step 100: the run stops at step 200 with exit code 2, naming the last
+    checkpoint, and its summary.json (of step 100) does not say completed."""
+    save = common.save_checkpoint
+    monkeypatch.setattr(common, "save_checkpoint", lambda *args: disk_full() if args[2] > 100 else save(*args))
+    result = run_script("iql.py", "--env", pendulum, *resumable("iql.py"), "--output", tmp_path)
+    assert_user_error(
+        result, "could not write the checkpoint at step 200", "No space left", "last checkpoint: step 100"
+    )
+    assert "done" not in result.stdout and "checkpoint saved" not in result.stdout
+    run_dir = run_dir_of(tmp_path)
+    assert not json.loads((run_dir / "summary.json").read_text())["completed"]
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 100
+
+
+# ---- extending, locking, damaged checkpoints --------------------------------------------------------------
+def test_a_finished_run_extended_with_more_steps_equals_a_longer_run(pendulum, tmp_path):
+    """td3_bc.py has no schedule that depends on the total: 400 steps, then --total-steps 600, is the 600-step run."""
+    flags = [*resumable("td3_bc.py"), "--env", pendulum]
+    straight = run_script("td3_bc.py", *flags, "--output", tmp_path / "straight")
+    short = run_script("td3_bc.py", *flags, "--total-steps", 400, "--output", tmp_path / "extended")
+    assert straight.returncode == short.returncode == 0, straight.stderr + short.stderr
+    run_dir = run_dir_of(tmp_path / "extended")
+    finished = run_script("td3_bc.py", "--resume", run_dir)
+    assert (
+        finished.returncode == 0
+        and "is finished (step 400)" in finished.stdout
+        and "--total-steps N" in finished.stdout
+    )
+    assert_user_error(run_script("td3_bc.py", "--resume", run_dir, "--total-steps", 300), "total_steps (400 -> 300)")
+    extended = run_script("td3_bc.py", "--resume", run_dir, "--total-steps", 600)
+    assert extended.returncode == 0, extended.stdout + extended.stderr
+    assert "resumed" in extended.stdout and "at step 400 of 600" in extended.stdout
+    assert_same_run(run_dir_of(tmp_path / "straight"), run_dir)
+    assert "total_steps: 600" in (run_dir / "args.yaml").read_text()
+
+
+def test_a_run_folder_belongs_to_one_process_at_a_time(pendulum, tmp_path):
+    """A second run in the same folder is refused while the first holds it; a lock that dies with its process
+    (closed here) leaves nothing stuck."""
+    fcntl = pytest.importorskip("fcntl")
+    run_dir = tmp_path / "shared"
+    run_dir.mkdir()
+    holder = open(run_dir / ".lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    flags = ["--env", pendulum, *FAST, *small("iql.py"), "--output", tmp_path, "--run-name", "shared"]
+    assert_user_error(run_script("iql.py", *flags), "another process is training in", "shared")
+    assert not (run_dir / "args.yaml").exists()
+    holder.close()
+    assert run_script("iql.py", *flags).returncode == 0
+
+
+def test_a_damaged_last_checkpoint_names_the_newest_readable_one(algo, reference_runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_runs(algo), run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    for damage in (b"", b"random bytes", last.read_bytes()[:1000]):
+        last.write_bytes(damage)
+        result = run_script(algo, "--resume", run_dir)
+        assert_user_error(result, "not a readable", f"--resume {run_dir / 'checkpoints' / 'step_600.pt'}")
+        assert "weights_only" not in result.stdout + result.stderr
+    assert_user_error(run_script(algo, "--resume", run_dir / "checkpoints" / "best.pt"), "give a run folder")
+    finished = run_script(algo, "--resume", run_dir / "checkpoints" / "step_600.pt")
+    assert finished.returncode == 0 and "is finished" in finished.stdout

@@ -40,6 +40,16 @@ def test_end_to_end_run_writes_events_checkpoints_summary_and_videos(algo, datas
     assert summary["completed"] and summary["total_steps"] == 400 and summary["eval_episodes"] == 2
     assert summary["args"]["hidden_dim"] == 32 and set(summary["versions"]) >= {"torch", "minari", "mujoco"}
     assert [h["step"] for h in summary["eval_history"]] == [200, 400] and summary["sps"] > 0
+    # the console: a line per evaluation, then what the run reached; all of it also in console.log
+    score = "return" if dataset == "pointmaze" else "normalized score"
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 200/400 offline", "step 400/400 offline"]
+    assert all(f": {score} " in line and " ± " in line and "elapsed" in line for line in lines)
+    assert f"{score}: final " in result.stdout and "best policy: " in result.stdout
+    assert (run_dir / "console.log").read_text() == result.stdout  # the progress bar (stderr) stays out
+    best = max(summary["eval_history"], key=lambda h: h["return"])
+    best_ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best_ckpt["step"] == best["step"] and best_ckpt["evaluation"]["return"] == best["return"]
     assert np.isfinite(summary["final_return"])
     if dataset == "pointmaze":  # no reference scores in this dataset: raw returns only
         assert summary["final_normalized_score"] is None
@@ -81,7 +91,7 @@ def test_script_copied_alone_with_common_keeps_the_published_per_domain_settings
     assert result.returncode == 0, result.stdout + result.stderr
     resolved = yaml.safe_load((run_dir_of(tmp_path / "runs") / "args.yaml").read_text())
     assert {k: resolved[k] for k in ADROIT_SETTINGS[algo]} == ADROIT_SETTINGS[algo]
-    assert "per-domain settings for door-human-v2" in result.stdout
+    assert "settings for door-human-v2 (DOMAIN_SETTINGS, DATASET_SETTINGS)" in result.stdout
 
 
 # ---- learning -------------------------------------------------------------------------------------------
