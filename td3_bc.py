@@ -646,8 +646,8 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
             "(D4RL/door/human-v2, mujoco/hopper/medium-v0, local/x/random-v0)"
         ) from None
     local = Path(minari.storage.get_dataset_path(dataset_id))
-    close = difflib.get_close_matches(dataset_id, minari.list_local_datasets(), n=3, cutoff=0.8)
-    if not (local / "data").exists() and (dataset_id.startswith("local/") or close):
+    close = [] if (local / "data").exists() else local_typos(dataset_id)
+    if close or not (local / "data").exists() and dataset_id.startswith("local/"):
         hint = f"Did you mean {' or '.join(close)}? " if close else ""
         raise UserError(
             f"dataset '{dataset_id}' is not in the local Minari store (no {local}). {hint}`minari list local` "
@@ -668,6 +668,13 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
             f"Without network: `minari download {dataset_id}` elsewhere, then copy the folder to {local} (or set "
             "MINARI_DATASETS_PATH to the copy); or record a dataset with collect.py."
         ) from e
+
+
+def local_typos(dataset_id: str) -> list:
+    """Local ids that dataset_id nearly spells (another version of the same dataset is no typo, but for local/ ids)."""
+    close = difflib.get_close_matches(dataset_id, minari.list_local_datasets(), cutoff=0.9)
+    versions = dataset_id.startswith("local/")
+    return [c for c in close if versions or c.rsplit("-v", 1)[0] != dataset_id.rsplit("-v", 1)[0]]
 
 
 def dataset_fingerprint(dataset: minari.MinariDataset) -> dict:
