@@ -1,7 +1,7 @@
 """The documentation says what the code does: every flag named in README.md and docs/*.md is a flag of the script it is
-documented for (read from that script's --help), every relative link and anchor points at something that exists, the
-README's offline quickstart is the command list tests/test_collect.py runs, quoted files are quoted verbatim, and the
-README fits on a page.
+documented for (read from that script's --help, and its subcommands'), every relative link and anchor points at
+something that exists, the README's offline quickstart is the command list tests/test_collect.py runs, quoted files
+are quoted verbatim, and the README fits on a page.
 
 Which script a flag belongs to: a command line or inline code naming a script (`python cql.py --cql-alpha 5`,
 `sweep.py --threads`) gives it; otherwise the nearest heading that names a script (a section "Reports: `report.py`"),
@@ -14,20 +14,15 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ALGOS, ROOT, run_script
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py")
-TOOLS = ("collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
+ALGORITHMS = tuple(ALGOS)  # every script with the shared block: iql.py, cql.py, td3_bc.py, rebrac.py, ...
+TOOLS = ("policy.py", "collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
 TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "tools/shared_block.py")
-PAGE_SCRIPT = {
-    "iql.md": "iql.py",
-    "cql.md": "cql.py",
-    "td3_bc.md": "td3_bc.py",
-    "rebrac.md": "rebrac.py",
-    "collect.md": "collect.py",
-    "sweeps.md": "sweep.py",
-}
+SUBCOMMANDS = {"policy.py": ("evaluate", "export")}  # a flag of either counts as the script's
+PAGE_SCRIPT = {f"{Path(s).stem}.md": s for s in ALGORITHMS}
+PAGE_SCRIPT |= {"policies.md": "policy.py", "collect.md": "collect.py", "sweeps.md": "sweep.py"}
 SHARED = "every algorithm script"
 SCRIPT = re.compile(
     r"(?<![\w/.-])((?:benchmarks/|tools/)?(?:"
@@ -163,14 +158,16 @@ def defined_flags(help_text: str) -> set:
 
 @pytest.fixture(scope="module")
 def help_flags() -> dict:
-    """script -> the flags of its --help (wide, plain output)."""
+    """script -> the flags of its --help (wide, plain output), and of its subcommands' --help."""
     env = {"COLUMNS": "200", "TERM": "dumb"}
     flags = {}
     for script in [s for s in ALGORITHMS + TOOLS if (ROOT / s).is_file()]:
-        result = run_script(script, "--help", env=env, timeout=120)
-        out = result.stdout + result.stderr
-        assert result.returncode == 0, f"python {script} --help failed:\n{out}"
-        flags[script] = defined_flags(out)
+        flags[script] = set()
+        for command in [[], *([sub] for sub in SUBCOMMANDS.get(script, ()))]:
+            result = run_script(script, *command, "--help", env=env, timeout=120)
+            out = result.stdout + result.stderr
+            assert result.returncode == 0, f"python {script} {' '.join(command)} --help failed:\n{out}"
+            flags[script] |= defined_flags(out)
         assert "--help" in flags[script] and len(flags[script]) > 1, f"no options read from {script} --help:\n{out}"
     return flags
 
