@@ -1,7 +1,8 @@
 """The documentation says what the code does: every flag named in README.md and docs/*.md is a flag of the script it is
-documented for (read from that script's --help), every relative link and anchor points at something that exists, the
-README's offline quickstart is the command list tests/test_collect.py runs, quoted files are quoted verbatim, and the
-README fits on a page.
+documented for (read from that script's --help, and its subcommands'), every field of every algorithm script's Args is
+a flag on its page (docs/<script>.md; the shared block's fields on docs/usage.md), every relative link and anchor
+points at something that exists, the README's offline quickstart is the command list tests/test_collect.py runs,
+quoted files are quoted verbatim, and the README fits on a page.
 
 Which script a flag belongs to: a command line or inline code naming a script (`python cql.py --cql-alpha 5`,
 `sweep.py --threads`) gives it; otherwise the nearest heading that names a script (a section "Reports: `report.py`"),
@@ -11,23 +12,22 @@ docs/usage.md, ...) are the shared ones: every algorithm script that exists must
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ALGOS, ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "tools"))
+from shared_block import blocks  # noqa: E402
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py")
-TOOLS = ("collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
+ALGORITHMS = tuple(ALGOS)  # every script with the shared block: iql.py, cql.py, td3_bc.py, rebrac.py, ...
+TOOLS = ("policy.py", "collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
 TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "tools/shared_block.py")
-PAGE_SCRIPT = {
-    "iql.md": "iql.py",
-    "cql.md": "cql.py",
-    "td3_bc.md": "td3_bc.py",
-    "rebrac.md": "rebrac.py",
-    "collect.md": "collect.py",
-    "sweeps.md": "sweep.py",
-}
+SUBCOMMANDS = {"policy.py": ("evaluate", "export")}  # a flag of either counts as the script's
+PAGE_SCRIPT = {f"{Path(s).stem}.md": s for s in ALGORITHMS}
+PAGE_SCRIPT |= {"policies.md": "policy.py", "collect.md": "collect.py", "sweeps.md": "sweep.py"}
 SHARED = "every algorithm script"
 SCRIPT = re.compile(
     r"(?<![\w/.-])((?:benchmarks/|tools/)?(?:"
@@ -163,14 +163,16 @@ def defined_flags(help_text: str) -> set:
 
 @pytest.fixture(scope="module")
 def help_flags() -> dict:
-    """script -> the flags of its --help (wide, plain output)."""
+    """script -> the flags of its --help (wide, plain output), and of its subcommands' --help."""
     env = {"COLUMNS": "200", "TERM": "dumb"}
     flags = {}
     for script in [s for s in ALGORITHMS + TOOLS if (ROOT / s).is_file()]:
-        result = run_script(script, "--help", env=env, timeout=120)
-        out = result.stdout + result.stderr
-        assert result.returncode == 0, f"python {script} --help failed:\n{out}"
-        flags[script] = defined_flags(out)
+        flags[script] = set()
+        for command in [[], *([sub] for sub in SUBCOMMANDS.get(script, ()))]:
+            result = run_script(script, *command, "--help", env=env, timeout=120)
+            out = result.stdout + result.stderr
+            assert result.returncode == 0, f"python {script} {' '.join(command)} --help failed:\n{out}"
+            flags[script] |= defined_flags(out)
         assert "--help" in flags[script] and len(flags[script]) > 1, f"no options read from {script} --help:\n{out}"
     return flags
 
@@ -187,6 +189,41 @@ def test_every_documented_flag_is_a_flag_of_its_script(help_flags):
                 if flag not in help_flags[script]:
                     wrong.append(f"{where}: {flag} is not a flag of {script}")
     assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+def args_fields(script: str) -> tuple:
+    """(the algorithm's own fields, the run's fields) of a script's Args, in order: the run's are those between the
+    SHARED BLOCK (args) markers."""
+    text = (ROOT / script).read_text()
+    begin, end = blocks(text, script)["args"]  # 0-based lines, markers included
+    (args,) = [node for node in ast.parse(text).body if isinstance(node, ast.ClassDef) and node.name == "Args"]
+    own, shared = [], []
+    for node in args.body:
+        if isinstance(node, ast.AnnAssign):
+            (shared if begin < node.lineno - 1 < end else own).append(node.target.id)
+    return own, shared
+
+
+def test_every_field_of_args_is_a_documented_flag():
+    """Every Args field of every algorithm script is named as a flag (--name, or --no-name for a boolean) on its page:
+    the algorithm's own fields on docs/<script>.md, the run's fields (the shared block's) on docs/usage.md."""
+    usage = ROOT / "docs" / "usage.md"
+
+    def flags_on(page: Path, owner: str) -> set:
+        return {flag for who, flag, _ in documented_flags(page) if who == owner} if page.is_file() else set()
+
+    missing = []
+    for script in ALGORITHMS:
+        page = ROOT / "docs" / f"{Path(script).stem}.md"
+        own, shared = args_fields(script)
+        for fields, where, named in ((own, page, flags_on(page, script)), (shared, usage, flags_on(usage, SHARED))):
+            absent = [f"--{field.replace('_', '-')}" for field in fields]
+            absent = [flag for flag in absent if not {flag, flag.replace("--", "--no-", 1)} & named]
+            if absent:
+                owner = f"{script}'s" if where == page else "the shared block's"  # the same in every script
+                nowhere = "" if where.is_file() else " (no such page)"
+                missing.append(f"{where.relative_to(ROOT)}{nowhere} lacks {owner} {', '.join(absent)}")
+    assert not missing, "\n".join(sorted(set(missing)))
 
 
 def test_the_parser_attributes_flags_to_their_scripts():
