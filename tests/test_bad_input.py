@@ -170,6 +170,8 @@ def inconsistent_datasets(minari_root, pendulum):
         ids[key] = f"local/pendulum/bad-{key}-v0"
         folder = minari.storage.get_dataset_path(ids[key])
         shutil.copytree(minari.storage.get_dataset_path(pendulum), folder)
+        metadata = json.loads((folder / "data" / "metadata.json").read_text())
+        (folder / "data" / "metadata.json").write_text(json.dumps({**metadata, "dataset_id": ids[key]}))
         with h5py.File(folder / "data" / "main_data.hdf5", "r+") as f:
             episode = f["episode_1"]
             data = episode[key][()]

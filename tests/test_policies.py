@@ -74,7 +74,7 @@ def test_a_dataset_re_recorded_under_the_same_id_is_refused_on_resume_and_evalua
     minari.delete_dataset(dataset_id)
     make_dataset(dataset_id, "Pendulum-v1", 3, seed=1)  # the same id, other episodes
     message = f"the dataset {dataset_id} is not the one"
-    assert_user_error(run_script("iql.py", "--resume", run_dir), f"--resume: {message}")
+    assert_user_error(run_script("iql.py", "--resume", run_dir, "--total-steps", 600), f"--resume: {message}")
     assert_user_error(run_script("policy.py", "evaluate", run_dir), f"policy.py evaluate: {message}")
 
 

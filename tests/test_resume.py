@@ -116,7 +116,7 @@ def test_only_the_last_keep_checkpoints_files_are_kept(algo, pendulum, tmp_path)
     args = ["--checkpoint-every", "100", "--keep-checkpoints", "2"]
     assert run_script(algo, "--env", pendulum, *FAST, *small(algo), *args, "--output", tmp_path).returncode == 0
     names = sorted(p.name for p in (run_dir_of(tmp_path) / "checkpoints").iterdir())
-    assert names == ["last.pt", "step_300.pt", "step_400.pt"]
+    assert names == ["best.pt", "last.pt", "step_300.pt", "step_400.pt"]
 
 
 def disk_full(*args):

@@ -32,7 +32,7 @@ def test_a_copy_edited_by_hand_fails_with_a_diff_and_fix_repairs_it(tmp_path):
     original = edited.read_text()
     edited.write_text(original.replace("    return envs\n", "    return envs  # a fix made in one copy only\n", 1))
     edited.write_text(edited.read_text().replace("seed: int = 1", "seed: int = 2", 1))
-    edited.write_text(edited.read_text().replace("    run.close()\n", "    run.close()  # the loop, edited\n", 1))
+    edited.write_text(edited.read_text().replace("        run.finish()\n", "        run.finish()  # edited\n", 1))
 
     result = checker(tmp_path)
     assert result.returncode == 1
