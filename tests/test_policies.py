@@ -82,11 +82,12 @@ def test_a_dataset_re_recorded_under_the_same_id_is_refused_on_resume_and_evalua
         assert_user_error(run_script("iql.py", flag, run_dir), f"{flag}: the dataset {dataset_id} is not the one")
 
 
-def policy_module(algo, obs_dim, act_dim, low, high, seed=0):
-    """The script's own Policy around an actor with random weights, and asymmetric normalization statistics."""
+def policy_module(algo, obs_dim, act_dim, low, high, seed=0, **args):
+    """The script's own Policy around an actor with random weights (Args(hidden_dim=16, **args)), and asymmetric
+    normalization statistics."""
     module = importlib.import_module(algo)
     torch.manual_seed(seed)
-    args = module.Args(hidden_dim=16)
+    args = module.Args(**{"hidden_dim": 16} | args)
     actor = module.make_networks(args, obs_dim, act_dim)["actor"].eval()
     stats = {
         "obs_mean": torch.randn(obs_dim),
