@@ -375,10 +375,29 @@ def load_checkpoint(path: str, names: tuple, algos: tuple, keys: tuple, what: st
     return ckpt, found[0]
 
 
+def registered_env_spec(spec, source: str) -> gym.envs.registration.EnvSpec:
+    """An env spec read from a file names the function gym.make calls (its entry point, and its wrappers') and the
+    arguments: "os:system" with a command would run it. Only the entry point gymnasium registered under the spec's
+    id, without extra wrappers, is made; its arguments (kwargs, the time limit) are the file's."""
+    registered = gym.registry.get(getattr(spec, "id", None))
+    if registered is None or spec.entry_point != registered.entry_point or spec.additional_wrappers:
+        what = "an unregistered env" if registered is None else f"env {spec.id} with entry point {spec.entry_point!r}"
+        raise UserError(
+            f"{source} names {what}{' and wrappers' if getattr(spec, 'additional_wrappers', ()) else ''}, not an env "
+            "as gymnasium registered it: making it would call a function that the file names. Give the env with --env."
+        )
+    return spec
+
+
 def checkpoint_env_spec(ckpt: dict) -> gym.envs.registration.EnvSpec:
-    """The env a checkpoint was trained for: stored by collect.py; for iql/cql, the eval env of its dataset."""
+    """The env a checkpoint was trained for: stored by collect.py; for iql/cql, the eval env of its dataset. Either
+    comes from a file: registered_env_spec checks it before anything makes it."""
     if "env_spec" in ckpt:
-        return gym.envs.registration.EnvSpec.from_json(ckpt["env_spec"])
+        try:
+            spec = gym.envs.registration.EnvSpec.from_json(ckpt["env_spec"])
+        except Exception as e:
+            raise UserError(f"the checkpoint's env_spec cannot be read ({type(e).__name__}): give --env") from e
+        return registered_env_spec(spec, "the checkpoint")
     dataset_id = check_minari_id(str(ckpt.get("minari_id")), "the checkpoint's dataset")
     local = minari.storage.get_dataset_path(dataset_id)
     if not local.exists():
@@ -391,7 +410,9 @@ def checkpoint_env_spec(ckpt: dict) -> gym.envs.registration.EnvSpec:
             f"the local copy of dataset '{dataset_id}' at {local} is damaged and cannot be read ({type(e).__name__}: "
             f"{str(e)[:200]}). Delete the folder {local} and download it again (or copy it again, completely)."
         ) from e
-    return dataset.recover_environment(eval_env=True).spec
+    # recover_environment(eval_env=True) would make the env before we could look at it: its spec, as Minari reads it
+    spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+    return registered_env_spec(spec, f"the checkpoint's dataset {dataset_id}")
 
 
 def checkpoint_policy(ckpt: dict, env: gym.Env, device):

@@ -395,6 +395,31 @@ def test_iql_run_folder_is_a_checkpoint_policy(minari_root, quickstart, run):
     assert dataset.recover_environment(eval_env=True).spec.id == "Pendulum-v1"
 
 
+def crafted_env_spec(marker) -> str:
+    """Pendulum's spec with the entry point os:system: gym.make would call os.system(command=...)."""
+    spec = json.loads(gym.make("Pendulum-v1").spec.to_json())
+    return json.dumps(spec | {"entry_point": "os:system", "kwargs": {"command": f"touch {marker}"}})
+
+
+@pytest.mark.parametrize("where", ["teacher checkpoint", "checkpoint's dataset"])
+def test_an_env_spec_from_a_file_runs_no_function_that_the_file_names(where, minari_root, tmp_path, capsys):
+    """Without --env the env comes from the checkpoint (collect.py's teacher.pt) or from its dataset (iql/cql): a
+    spec whose entry point is not the registered one is refused before gym.make could call it."""
+    marker, env = tmp_path / "marker", gym.make("Pendulum-v1")
+    ckpt = checkpoint_of("iql", torch.nn.Linear(3, 1), env, "collect/crafted/env-v0")
+    if where == "teacher checkpoint":
+        ckpt |= {"algo": "collect-sac", "env_spec": crafted_env_spec(marker)}
+    else:
+        make_dataset("collect/crafted/env-v0", "Pendulum-v1", 1, max_episode_steps=5)
+        metadata_file = minari.storage.get_dataset_path("collect/crafted/env-v0") / "data" / "metadata.json"
+        metadata = json.loads(metadata_file.read_text())
+        metadata_file.write_text(json.dumps(metadata | {"eval_env_spec": crafted_env_spec(marker)}))
+    torch.save(ckpt, tmp_path / "c.pt")
+    code, error = exit_code_and_error(capsys, "--policy", "checkpoint", "--checkpoint", tmp_path / "c.pt")
+    assert code == 2 and "with entry point 'os:system', not an env as gymnasium registered it" in error, error
+    assert not marker.exists()
+
+
 # ---- SAC teacher and the quickstart ----------------------------------------------------------------------
 def test_sac_teacher_beats_the_random_policy_within_a_small_budget(quickstart):
     summary = quickstart["collect_summary"]
