@@ -176,6 +176,18 @@ def test_exports_with_dropout_and_layer_norm_act_as_their_policy(algo, args, tmp
         torch.testing.assert_close(collect.load_exported_policy(tmp_path / "policy.pt2")(obs), policy(obs))
 
 
+def test_an_export_made_outside_the_scripts_acts_as_its_module(tmp_path):
+    """GELU, LayerNorm and SiLU between Linear layers, a dynamic batch: any graph of the listed operators is read."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.SiLU()]
+    module = torch.nn.Sequential(*layers, torch.nn.Linear(8, 2), torch.nn.Tanh()).eval()
+    batch = ({0: torch.export.Dim("batch")},)
+    torch.export.save(torch.export.export(module, (torch.zeros(2, 4),), dynamic_shapes=batch), tmp_path / "m.pt2")
+    obs = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.equal(collect.load_exported_policy(tmp_path / "m.pt2")(obs), module(obs))
+
+
 @pytest.mark.parametrize("edit", LIVE, ids=lambda edit: edit.__name__)
 def test_torch_export_load_runs_the_payload_of_each_crafted_file(edit, genuine, tmp_path):
     """The control: each crafted file does run code when torch.export.load reads it (and .module() runs it)."""
