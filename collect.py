@@ -12,7 +12,9 @@ Usage: README.md, sections "Offline quickstart" and "Recording datasets".
 """
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -348,10 +350,29 @@ def load_checkpoint(path: str, names: tuple, algos: tuple | None, keys: tuple, w
     return ckpt, found[0]
 
 
+def registered_env_spec(spec, source: str) -> gym.envs.registration.EnvSpec:
+    """An env spec read from a file names the function gym.make calls (its entry point, and its wrappers') and the
+    arguments: "os:system" with a command would run it. Only the entry point gymnasium registered under the spec's
+    id, without extra wrappers, is made; its arguments (kwargs, the time limit) are the file's."""
+    registered = gym.registry.get(getattr(spec, "id", None))
+    if registered is None or spec.entry_point != registered.entry_point or spec.additional_wrappers:
+        what = "an unregistered env" if registered is None else f"env {spec.id} with entry point {spec.entry_point!r}"
+        raise UserError(
+            f"{source} names {what}{' and wrappers' if getattr(spec, 'additional_wrappers', ()) else ''}, not an env "
+            "as gymnasium registered it: making it would call a function that the file names. Give the env with --env."
+        )
+    return spec
+
+
 def checkpoint_env_spec(ckpt: dict) -> gym.envs.registration.EnvSpec:
-    """The env a checkpoint was trained for: stored by collect.py; for iql/cql, the eval env of its dataset."""
+    """The env a checkpoint was trained for: stored by collect.py; for iql/cql, the eval env of its dataset. Either
+    comes from a file: registered_env_spec checks it before anything makes it."""
     if "env_spec" in ckpt:
-        return gym.envs.registration.EnvSpec.from_json(ckpt["env_spec"])
+        try:
+            spec = gym.envs.registration.EnvSpec.from_json(ckpt["env_spec"])
+        except Exception as e:
+            raise UserError(f"the checkpoint's env_spec cannot be read ({type(e).__name__}): give --env") from e
+        return registered_env_spec(spec, "the checkpoint")
     dataset_id = check_minari_id(str(ckpt.get("minari_id")), "the checkpoint's dataset")
     local = minari.storage.get_dataset_path(dataset_id)
     if not local.exists():
@@ -364,7 +385,9 @@ def checkpoint_env_spec(ckpt: dict) -> gym.envs.registration.EnvSpec:
             f"the local copy of dataset '{dataset_id}' at {local} is damaged and cannot be read ({type(e).__name__}: "
             f"{str(e)[:200]}). Delete the folder {local} and download it again (or copy it again, completely)."
         ) from e
-    return dataset.recover_environment(eval_env=True).spec
+    # recover_environment(eval_env=True) would make the env before we could look at it: its spec, as Minari reads it
+    spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+    return registered_env_spec(spec, f"the checkpoint's dataset {dataset_id}")
 
 
 def teacher_policy(ckpt: dict, env: gym.Env, device):
@@ -410,12 +433,14 @@ def script_policy(path: str, env: gym.Env):
 
 def exported_policy(path: str, env: gym.Env):
     """A policy file written by an algorithm script's --export (torch.export: raw flat observation in, env action
-    out), as an actor: flat observation -> action in [-1, 1]."""
+    out), as an actor: flat observation -> action in [-1, 1]. Read by load_exported_policy: it cannot run code."""
     space = env.action_space
     try:
-        policy = torch.export.load(path).module()
-        with torch.no_grad():
-            shape = policy(torch.zeros(1, gym.spaces.flatdim(env.observation_space))).shape
+        policy = policy_tool.load_exported_policy(path)
+    except policy_tool.PolicyFileError as e:
+        raise UserError(str(e)) from e
+    try:
+        shape = policy(torch.zeros(1, gym.spaces.flatdim(env.observation_space))).shape
     except Exception as e:
         error = f"{type(e).__name__}: {str(e)[:200]}"
         raise UserError(f"{path} is not a policy exported for env {env.spec.id} ({error})") from e
@@ -641,26 +666,115 @@ def parse_args(argv: list) -> tuple:
     return given, state, path.parent
 
 
-def write_dataset(dataset_id: str, episodes: list, env: gym.Env, overwrite: bool, **metadata):
-    """create_dataset_from_buffers with the env spec as collection and evaluation env. An interrupted or failed
-    write leaves no half-written dataset behind, and a replaced dataset stays whole until the new one is."""
-    path = minari.storage.get_dataset_path(dataset_id)
-    backup = path.with_name(f".{path.name}.replaced-{os.getpid()}")  # hidden: Minari's listing skips it
-    if overwrite and path.exists():
-        path.rename(backup)
+def process_alive(pid: int) -> bool:
+    """Whether another process with this id runs (elsewhere than POSIX: assumed so, nothing is cleaned)."""
+    if os.name != "posix" or pid == os.getpid():  # our own id: a previous process's (containers reuse ids)
+        return os.name != "posix"
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def clean_leftovers(path: Path) -> None:
+    """What a killed write_dataset left beside the dataset: its staging folder goes, after the dataset it had moved
+    aside goes back under the id if the kill came between swap_in's two renames. Folders of running processes stay."""
+    for staging in sorted(path.parent.glob(f".{path.name}.new-*")):
+        pid = staging.name.rpartition("-")[2]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if not path.exists() and (staging / "replaced").is_dir():
+            os.rename(staging / "replaced", path)
+            print(f"note: put back dataset {path}, which a killed collect.py (process {pid}) had moved aside")
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"note: removed {staging}, the unfinished write of a killed collect.py (process {pid})")
+    for backup in sorted(path.parent.glob(f".{path.name}.replaced-*")):  # an earlier collect.py's --overwrite
+        if not path.exists():
+            os.rename(backup, path)
+            print(f"note: put back dataset {path} from {backup.name}, left by an interrupted collect.py --overwrite")
+        else:
+            print(
+                f"warning: {backup} holds the dataset that an interrupted collect.py --overwrite replaced; the one "
+                f"at {path} may be incomplete. Keep one of them (check with minari.load_dataset) and delete the other."
+            )
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE, macOS renamex_np RENAME_SWAP); False where the
+    system or the file system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform in ("linux", "darwin") else None
+    if hasattr(libc, "renameat2"):
+        done = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    elif hasattr(libc, "renamex_np"):
+        done = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2) == 0  # RENAME_SWAP
+    else:
+        return False
+    if not done and ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+    return done
+
+
+def swap_in(staged: Path, path: Path, aside: Path, overwrite: bool) -> None:
+    """The whole new dataset under its id in one step: a rename, or an exchange with the old one, so that a kill at
+    any moment leaves the old or the new dataset there. Without an exchange (Windows, some file systems) the old
+    one moves `aside` (into the staging folder) first, and clean_leftovers puts it back if a kill comes in between."""
+    if overwrite and path.exists():
+        if exchange(staged, path):
+            return
+        os.rename(path, aside)
+    try:
+        os.rename(staged, path)  # fails if another process wrote a dataset under the id meanwhile
+    except OSError as e:
+        raise UserError(f"dataset {path} was written by another process while this one recorded ({e})") from e
+
+
+def dataset_bytes(episodes: list) -> int:
+    """A generous estimate of a dataset's size on disk: 8 bytes a number, 16 KiB an episode (HDF5's groups)."""
+    count = lambda x: sum(map(count, x.values())) if isinstance(x, dict) else np.size(x)  # noqa: E731
+    return sum(8 * count({k: v for k, v in ep.items() if k != "seed"}) + 16_384 for ep in episodes)
+
+
+def write_dataset(dataset_id: str, episodes: list, env: gym.Env, overwrite: bool, **metadata):
+    """create_dataset_from_buffers (the env spec as collection and evaluation env) into a hidden staging folder beside
+    the dataset's (Minari's listing skips it), flushed to disk, then swap_in: a failed, interrupted or killed write
+    leaves the old dataset (or none) under the id, never part of one. A kill leaves the staging folder behind for the
+    next run's clean_leftovers."""
+    path = minari.storage.get_dataset_path(dataset_id)
+    namespace = minari.dataset.minari_dataset.parse_dataset_id(dataset_id)[0]
+    with contextlib.suppress(ValueError):  # created by another process meanwhile
+        if namespace not in minari.namespace.list_local_namespaces():
+            minari.namespace.create_namespace(namespace)  # in the store, not only in the staging folder
+    needed, free = dataset_bytes(episodes), shutil.disk_usage(path.parent).free
+    if needed > free:  # HDF5 can crash the process when a write fails (h5py 3, a segmentation fault on close)
+        raise UserError(
+            f"dataset {dataset_id} needs about {needed / 2**20:.0f} MiB and {path.parent} has {free / 2**20:.0f} MiB "
+            "free: make room, or record into another store (MINARI_DATASETS_PATH=<folder on a larger disk>)"
+        )
+    staging, store = path.parent / f".{path.name}.new-{os.getpid()}", os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = str(staging)
         with warnings.catch_warnings():  # author / email / code permalink are optional metadata
             warnings.simplefilter("ignore")
             buffers = [EpisodeBuffer(**ep, infos={}) for ep in episodes]
-            dataset = minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env.spec, **metadata)
-    except BaseException:  # an interruption (Interrupted, KeyboardInterrupt) too
+            minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env.spec, **metadata)
+        for file in (staging / dataset_id).rglob("*"):  # on disk before it replaces the old one
+            if file.is_file() and os.name == "posix":
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        with signals_deferred():  # a signal now would only leave the old dataset in the staging folder
+            swap_in(staging / dataset_id, path, staging / "replaced", overwrite)
+    except OSError as e:  # a full disk, say
+        raise UserError(
+            f"cannot write dataset {dataset_id} in {path.parent} ({e}); nothing under the id changed"
+        ) from e
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH") if store is None else os.environ.update(MINARI_DATASETS_PATH=store)
         with signals_deferred():  # a second signal must not cut the clean-up short
-            shutil.rmtree(path, ignore_errors=True)
-            if backup.exists():
-                backup.rename(path)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-    return dataset
+            shutil.rmtree(staging, ignore_errors=True)  # what is left of a failed write, or the replaced dataset
+    return minari.load_dataset(dataset_id)
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
@@ -686,7 +800,8 @@ def main(argv: list) -> minari.MinariDataset:
     env = make_env(args.env if args.env is not None else checkpoint_env_spec(ckpt), args.max_episode_steps)
     default_id = f"local/{env.spec.name.lower()}/{f'sac-{args.sac_data}' if args.policy == 'sac' else args.policy}-v0"
     dataset_id = check_minari_id(args.dataset_id or default_id, "--dataset-id", namespaced=True)
-    if (path := minari.storage.get_dataset_path(dataset_id)).exists() and not args.overwrite:
+    clean_leftovers(path := minari.storage.get_dataset_path(dataset_id))
+    if path.exists() and not args.overwrite:
         raise UserError(
             f"dataset {dataset_id} already exists ({path}). Choose another --dataset-id (e.g. bump the version) "
             "or pass --overwrite to replace it."

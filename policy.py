@@ -17,8 +17,11 @@ import importlib.util
 import io
 import json
 import os
+import re
 import sys
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -147,37 +150,231 @@ def mean_and_interval(values: np.ndarray, seed: int) -> dict:
 
 
 def export(cmd: Export) -> list:
-    """The policy as a .pt2 file (torch.export, any batch size), checked against the checkpoint's policy on random
-    observations; with --onnx an .onnx file too, weights inside. Returns the files written."""
+    """The checkpoint's policy as a .pt2 file (and an .onnx file with --onnx), read back with load_exported_policy
+    and checked against the checkpoint's policy on observations of the data's scale. Returns the files written."""
     if Path(cmd.file).suffix != ".pt2":
         raise UserError(f"export writes a .pt2 file (torch.export), not {cmd.file}")
     if cmd.onnx and not (importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript")):
-        raise UserError(
-            "--onnx needs onnx and onnxscript: pip install onnx onnxscript (or the project's [export] extra)"
-        )
-    policy, ckpt, file, _ = load_policy(cmd.run, cmd.script)
-    if Path(cmd.file).resolve() == file.resolve():
-        raise UserError(f"{cmd.file} is the checkpoint itself: write the policy to another file")
+        raise UserError("--onnx needs onnx and onnxscript: pip install onnx onnxscript (the project's [export] extra)")
+    policy, ckpt, _, _ = load_policy(cmd.run, cmd.script)
+    try:
+        written = save_policy(policy, cmd.file, cmd.onnx)
+    except OSError as e:
+        raise UserError(f"cannot write {cmd.file}: {e}") from None
     noise = torch.randn(100, len(policy.obs_mean), generator=torch.Generator().manual_seed(0))
-    obs = policy.obs_mean + policy.obs_std * noise  # observations of the data's scale
-    batch = ({0: torch.export.Dim("batch")},)
-    written = [cmd.file]
-    with quiet():
-        program = torch.export.export(policy, (obs[:2],), dynamic_shapes=batch)
-        Path(cmd.file).parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, cmd.file)
-        if cmd.onnx:
-            onnx_file = str(Path(cmd.file).with_suffix(".onnx"))
-            torch.onnx.export(
-                policy, (obs[:2],), onnx_file, dynamic_shapes=batch, input_names=["obs"], external_data=False
-            )
-            written.append(onnx_file)
+    obs = policy.obs_mean + policy.obs_std * noise
     with torch.no_grad():
-        gap = (program.module()(obs) - policy(obs)).abs().max().item()
+        gap = (load_exported_policy(cmd.file)(obs) - policy(obs)).abs().max().item()
     for name in written:
         print(f"wrote {name}")
     print(f"{ckpt['algo']}.py step {ckpt['step']}: exported actions match the checkpoint's (max difference {gap:.1e})")
     return written
+
+
+def save_policy(policy: torch.nn.Module, file: str, onnx: bool = False) -> list:
+    """torch.export's program of the policy, any batch size; with onnx, an .onnx file beside it, weights inside."""
+    example = (policy.obs_mean[None].repeat(2, 1),)
+    batch = ({0: torch.export.Dim("batch")},)
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    with quiet():
+        torch.export.save(torch.export.export(policy, example, dynamic_shapes=batch), file)
+        if not onnx:
+            return [file]
+        onnx_file = str(Path(file).with_suffix(".onnx"))
+        torch.onnx.export(policy, example, onnx_file, dynamic_shapes=batch, input_names=["obs"], external_data=False)
+    return [file, onnx_file]
+
+
+# ---- Exported policies: a .pt2 file read as data, never as code -------------------------------------------------
+# torch.export.load runs code from the file it reads (torch 2.13; its own docstring says never to load an untrusted
+# one): it unpickles weights and constants marked as pickled (torch.load with weights_only=False, pickle.loads),
+# retries the sample inputs and the legacy weight files with weights_only=False when the safe load fails, reads the
+# pre-2.7 layout the same way, evaluates each symbolic shape with sympy.sympify (Python's eval), execs the file's
+# guards_code in .module(), and loads the compiled libraries of AOTInductor packages. So this loader does not call
+# it: it reads the program (models/<name>.json) and the raw bytes of the weights itself, and runs the graph node by
+# node with aten operators from a fixed list of tensor math. Nothing else in the archive is read.
+class PolicyFileError(ValueError):
+    """A .pt2 file that load_exported_policy refuses: the message is one paragraph naming the file."""
+
+
+# The aten operators a policy's graph may call: tensor math and shapes (none touches files, processes or objects)
+PT2_OPS = {
+    "linear", "addmm", "mm", "matmul", "bmm", "t", "transpose", "permute", "view", "reshape", "_unsafe_view",
+    "expand", "unsqueeze", "squeeze", "flatten", "cat", "stack", "split", "split_with_sizes", "chunk", "slice",
+    "select", "narrow", "clone", "contiguous", "alias", "detach", "dropout", "relu", "tanh", "sigmoid", "elu",
+    "gelu", "silu", "mish", "leaky_relu", "softplus", "hardtanh", "exp", "log", "sqrt", "rsqrt", "neg", "abs",
+    "pow", "add", "sub", "rsub", "mul", "div", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "where",
+    "layer_norm", "native_layer_norm", "mean", "sum",
+}  # fmt: skip
+PT2_DTYPES = {6: torch.float16, 7: torch.float32, 8: torch.float64, 13: torch.bfloat16}  # torch.export's ScalarType
+PT2_SYMPY = {"Symbol", "Integer", "True", "False", "positive", "integer", "nonnegative", "Max", "Min", "Mod", "Eq"}
+PT2_SYMPY |= {"Ne", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "ModularIndexing", "FloorToInt", "CeilToInt"}
+PT2_SCALARS = {"as_int": int, "as_float": float, "as_bool": bool, "as_ints": int, "as_floats": float, "as_bools": bool}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pt2Ref:
+    """A value of the graph by name: a weight, the observation or a node's output."""
+
+    name: str
+
+
+def pt2_tensor(archive, folder: str, entry: dict, what: str) -> torch.Tensor:
+    """A weight or constant from its raw bytes (the layout torch.export.save writes for plain tensors)."""
+    meta = entry["tensor_meta"]  # pt2_refuse_code has refused pickles
+    if meta["dtype"] not in PT2_DTYPES:
+        raise PolicyFileError(f"{what} has dtype {meta['dtype']} of torch.export's ScalarType; floats only")
+    dtype = PT2_DTYPES[meta["dtype"]]
+    raw = bytearray(archive.read(folder + entry["path_name"]))
+    flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.zeros(0, dtype=dtype)
+    sizes, strides = [int(d["as_int"]) for d in meta["sizes"]], [int(d["as_int"]) for d in meta["strides"]]
+    return flat.as_strided(sizes, strides, int(meta["storage_offset"]["as_int"])).clone()  # bounds are checked
+
+
+def pt2_argument(arg: dict):
+    """A node's argument: a reference to a graph value, a list of them, None, or numbers and booleans."""
+    ((kind, value),) = arg.items()
+    if kind == "as_tensor":
+        return Pt2Ref(value["name"])
+    if kind == "as_tensors":
+        return [Pt2Ref(t["name"]) for t in value]
+    if kind == "as_none":
+        return None
+    plain = isinstance(value, list) == kind.endswith("s") and kind in PT2_SCALARS
+    if plain and all(isinstance(v, PT2_SCALARS[kind] | int) for v in (value if isinstance(value, list) else [value])):
+        return value
+    raise PolicyFileError(f"a node argument of kind {kind} is not supported (tensors, numbers and booleans are)")
+
+
+def pt2_operator(target: str):
+    """torch.ops.aten.<name>.<overload> for a name in PT2_OPS; anything else is refused."""
+    name, _, overload = target.removeprefix("torch.ops.aten.").partition(".")
+    if not target.startswith("torch.ops.aten.") or name not in PT2_OPS:
+        raise PolicyFileError(f"its graph calls {target[:100]}, which is not on collect.py's list of tensor operators")
+    packet = getattr(torch.ops.aten, name)
+    if overload not in packet.overloads():
+        raise PolicyFileError(f"its graph calls {target[:100]}, an overload that torch does not have")
+    return getattr(packet, overload)
+
+
+def pt2_resolve(value, values: dict):
+    if isinstance(value, list):
+        return [pt2_resolve(v, values) for v in value]
+    return values[value.name] if isinstance(value, Pt2Ref) else value
+
+
+def pt2_expressions(tree) -> list:
+    """Every symbolic shape expression ("expr_str") in the program's JSON."""
+    if isinstance(tree, dict):
+        return [e for k, v in tree.items() for e in ([v] if k == "expr_str" else pt2_expressions(v))]
+    return [e for v in tree for e in pt2_expressions(v)] if isinstance(tree, list) else []
+
+
+def pt2_plain_expression(expr) -> bool:
+    """Shapes as torch.export writes them (Symbol('s35', positive=True, integer=True), FloorDiv(s0, 2), 4): symbol
+    names, numbers, arithmetic and sympy's functions; no attribute, subscript, string or other name for eval."""
+    rest = re.sub(r"'[a-z]+[0-9]+'|[0-9]+\.[0-9]+", "0", str(expr))  # quoted symbol names, decimals
+    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rest))
+    plain = isinstance(expr, str) and re.fullmatch(r"[A-Za-z0-9_ (),+\-*/%<>=!]*", rest) is not None  # ASCII only
+    return plain and all(n in PT2_SYMPY or re.fullmatch(r"[a-z]+[0-9]+", n) for n in names)
+
+
+def pt2_refuse_code(archive, sample_inputs: str, program: dict, stored: dict) -> None:
+    """This loader never reads what follows, but torch.export.load would run it: a file holding it is refused, so
+    that nobody loads it later with torch and takes it for safe because collect.py recorded with it."""
+    for kind, entries in stored.items():
+        for fqn, entry in entries.items():
+            if entry.get("use_pickle") or not isinstance(entry.get("tensor_meta"), dict):
+                raise PolicyFileError(f"its {kind} entry {str(fqn)[:100]} is a pickled object, which runs code")
+    legacy = re.compile(r".*/data/aotinductor/.*|.*/data/(weights|constants)/[^/]*\.pt")  # libraries, pickles
+    if compiled := [name for name in archive.namelist() if legacy.fullmatch(name)]:
+        raise PolicyFileError(f"it holds {compiled[0][:100]}, compiled code or a legacy pickle that torch would run")
+    if program.get("guards_code"):
+        raise PolicyFileError("it holds Python code (guards_code) that torch.export.load's .module() runs")
+    if bad := [e for e in pt2_expressions(program) if not pt2_plain_expression(e)]:
+        raise PolicyFileError(f"its shape expression {str(bad[0])[:100]!r} would be run by sympy's eval")
+    try:  # the sample inputs (never used here): torch reads them again with weights_only=False if this fails
+        torch.load(io.BytesIO(archive.read(sample_inputs)), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PolicyFileError(f"its sample inputs hold more than tensors ({type(e).__name__})") from None
+
+
+def pt2_program(archive) -> tuple:
+    """(weights by graph name, observation name, steps, output name) of the archive's one program."""
+    models = [name for name in archive.namelist() if name.count("/") == 2 and "/models/" in name]
+    if len(models) != 1 or not models[0].endswith(".json"):
+        raise PolicyFileError(f"it holds {len(models)} exported programs (models/*.json), not one")
+    root, _, model = models[0].removesuffix(".json").partition("/models/")
+    program = json.loads(archive.read(models[0]))
+    configs = {kind: f"{root}/data/{kind}/{model}_{kind}_config.json" for kind in ("weights", "constants")}
+    stored = {kind: json.loads(archive.read(file))["config"] for kind, file in configs.items()}
+    pt2_refuse_code(archive, f"{root}/data/sample_inputs/{model}.pt", program, stored)
+    values, observation = {}, []
+    for spec in program["graph_module"]["signature"]["input_specs"]:
+        ((kind, body),) = spec.items()
+        key = {"parameter": "parameter_name", "buffer": "buffer_name", "tensor_constant": "tensor_constant_name"}
+        if kind == "user_input" and set(body["arg"]) == {"as_tensor"}:
+            observation.append(body["arg"]["as_tensor"]["name"])
+        elif kind in key:
+            fqn = body[key[kind]]
+            where = "weights" if fqn in stored["weights"] else "constants"
+            values[body["arg"]["name"]] = pt2_tensor(archive, f"{root}/data/{where}/", stored[where][fqn], fqn)
+        else:
+            raise PolicyFileError(f"it takes an input of kind {kind}; a policy takes one observation tensor")
+    outputs = program["graph_module"]["signature"]["output_specs"]
+    if len(observation) != 1 or len(outputs) != 1 or set(outputs[0]) != {"user_output"}:
+        raise PolicyFileError("a policy takes one observation tensor and returns one action tensor; this one does not")
+    steps, defined = [], set(values) | set(observation)
+    for node in program["graph_module"]["graph"]["nodes"]:
+        op = pt2_operator(node["target"])
+        args = [pt2_argument(a["arg"]) for a in node["inputs"] if a["kind"] != 2]  # 1: positional, 2: keyword
+        kwargs = {a["name"]: pt2_argument(a["arg"]) for a in node["inputs"] if a["kind"] == 2}
+        ((kind, out),) = node["outputs"][0].items() if len(node["outputs"]) == 1 else ((None, None),)
+        if kind not in ("as_tensor", "as_tensors"):
+            raise PolicyFileError(f"its node {node['target'][:100]} does not return tensors")
+        result = Pt2Ref(out["name"]) if kind == "as_tensor" else [Pt2Ref(t["name"]) for t in out]
+        used = [r.name for r in pt2_refs([args, list(kwargs.values())])]
+        if missing := sorted(set(used) - defined):
+            raise PolicyFileError(f"its graph uses {missing[:3]} before they are computed")
+        defined |= {r.name for r in pt2_refs([result])}
+        steps.append((op, args, kwargs, result))
+    output = pt2_argument(outputs[0]["user_output"]["arg"])
+    if not isinstance(output, Pt2Ref) or output.name not in defined:
+        raise PolicyFileError("its output is not a tensor that the graph computes")
+    return values, observation[0], steps, output.name
+
+
+def pt2_refs(value) -> list:
+    """Every Pt2Ref in nested lists."""
+    if isinstance(value, list):
+        return [ref for v in value for ref in pt2_refs(v)]
+    return [value] if isinstance(value, Pt2Ref) else []
+
+
+def load_exported_policy(file) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A policy file of torch.export.save (an algorithm script's --export) as a function observation batch -> action
+    batch, read without running code from the file (see above). Raises PolicyFileError, one paragraph, on a file
+    that is not such a policy, holds pickles, or calls an operator outside PT2_OPS."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(Path(file).read_bytes()))  # read once: what is checked is what runs
+        values, observation, steps, output = pt2_program(archive)
+    except PolicyFileError as e:
+        message = f"{file} is refused: {e}. A policy file is read only if it holds tensor operators and raw weights"
+        raise PolicyFileError(message + "; export the policy again with the algorithm script's --export.") from None
+    except Exception as e:
+        error = f"{type(e).__name__}: {str(e)[:200]}"
+        raise PolicyFileError(f"{file} is not a policy file of torch.export.save, or it is damaged ({error})") from None
+
+    @torch.no_grad()
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        computed = values | {observation: obs}
+        for op, args, kwargs, result in steps:
+            out = op(*pt2_resolve(args, computed), **{k: pt2_resolve(v, computed) for k, v in kwargs.items()})
+            for ref, tensor in zip(pt2_refs([result]), out if isinstance(result, list) else [out], strict=True):
+                computed[ref.name] = tensor
+        return computed[output]
+
+    return policy
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ A dataset without reference scores is reported in raw return (marked †). Docs:
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -53,6 +54,13 @@ PROTOCOL = (
     "with the dataset's reference scores; † = raw return (the dataset has none). Domain average = the mean of the "
     "dataset means."
 )
+# What report.py reads of a summary.json and its type: the required keys, then those a run may lack or hold as null
+SUMMARY = {"algo": str, "minari_id": str, "seed": int, "steps": int, "eval_history": list}
+SUMMARY_OPTIONAL = {"env": str, "domain": str, "total_steps": int, "online_steps": int, "completed": bool}
+SUMMARY_OPTIONAL |= {"wall_seconds": float, "online": dict, "args": dict, "versions": dict}
+SCORES = ("final_return", "best_return", "final_normalized_score", "best_normalized_score", "offline_return")
+SCORES += ("offline_normalized_score",)
+SUMMARY_OPTIONAL |= dict.fromkeys(SCORES, float)
 # The project is not published on PyPI: its extras install from a checkout of the repository
 RLIABLE_HINT = 'pip install -e ".[report]" in the repository (or: pip install rliable "arch<8" "pandas<3")'
 
@@ -85,8 +93,33 @@ class Group:
 
 
 # -------- Reading the runs --------------------------------------------------------------------------------------------
+def type_ok(value, kind: type) -> bool:
+    """int for int, int or float for float; a boolean is neither."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
+
+
+def summary_problems(summary: dict) -> list:
+    """What is missing or of the wrong type in a training run's summary.json, as phrases ([] if nothing is)."""
+    problems = [f"no {key}" for key in SUMMARY if key not in summary]
+    for key, kind in (SUMMARY | SUMMARY_OPTIONAL).items():
+        value = summary.get(key)
+        if key in summary and (value is not None or key in SUMMARY) and not type_ok(value, kind):
+            problems.append(f"{key} is {json.dumps(value)[:40]}, not {'a number' if kind is float else kind.__name__}")
+    regret = summary["online"].get("regret") if isinstance(summary.get("online"), dict) else None
+    if regret is not None and not type_ok(regret, float):
+        problems.append(f"online.regret is {json.dumps(regret)[:40]}, not a number")
+    for i, h in enumerate(summary["eval_history"] if isinstance(summary.get("eval_history"), list) else []):
+        ok = isinstance(h, dict) and type_ok(h.get("step"), int) and type_ok(h.get("return"), float)
+        if not ok or not (h.get("normalized_score") is None or type_ok(h["normalized_score"], float)):
+            problems.append(f"eval_history[{i}] is {json.dumps(h)[:60]}, not {{step, return, normalized_score}}")
+    return problems
+
+
 def load_runs(folders: list, warn) -> list:
-    """Every summary.json of a training run (collect.py's teacher summaries are not), with its folder."""
+    """Every summary.json of a training run (collect.py's teacher summaries are not), with its folder; a damaged one
+    (not JSON, or keys missing or of the wrong type) is skipped with a warning that says what is wrong."""
     runs = []
     if not folders:
         raise UserError("give the folder(s) of the runs: python report.py runs/ [--out report/]")
@@ -99,7 +132,13 @@ def load_runs(folders: list, warn) -> list:
             except (OSError, ValueError) as e:
                 warn(f"{path} is not readable JSON ({e}): skipped")
                 continue
-            if isinstance(summary, dict) and {"algo", "minari_id", "seed", "eval_history"} <= summary.keys():
+            if not isinstance(summary, dict):
+                warn(f"{path} holds a JSON {type(summary).__name__}, not a run's summary: skipped")
+            elif "algo" not in summary and "minari_id" not in summary:
+                continue  # not a training run's: collect.py's teacher summary, say
+            elif problems := summary_problems(summary):
+                warn(f"{path} is damaged ({'; '.join(problems[:3])}): skipped")
+            else:
                 runs.append({**summary, "path": str(path.parent), "mtime": path.stat().st_mtime})
     if not runs:
         raise UserError(
@@ -136,7 +175,19 @@ def select(runs: list, include_incomplete: bool, warn) -> list:
         kept = kept if include_incomplete else [r for r in kept if r not in incomplete]
     if unevaluated := [r for r in kept if r.get("final_return") is None]:
         warn(f"runs without any evaluation, left out: {', '.join(r['path'] for r in unevaluated)}")
-    return [r for r in kept if r.get("final_return") is not None]
+    kept = [r for r in kept if r.get("final_return") is not None]
+    if diverged := [r for r in kept if not_finite(r)]:
+        listed = ", ".join(f"{r['path']} ({', '.join(not_finite(r)[:3])})" for r in diverged)
+        warn(f"{len(diverged)} runs with a NaN or infinite score (diverged?), left out of every number: {listed}")
+    return [r for r in kept if not not_finite(r)]
+
+
+def not_finite(run: dict) -> list:
+    """The scores of a run that are NaN or infinite (json reads NaN and Infinity), by name."""
+    scores = {key: run.get(key) for key in SCORES}
+    for h in run["eval_history"]:
+        scores |= {f"{key} at step {h['step']}": h.get(key) for key in ("return", "normalized_score")}
+    return [f"{name} {value}" for name, value in scores.items() if value is not None and not math.isfinite(value)]
 
 
 def make_groups(runs: list, warn) -> dict:

@@ -82,24 +82,52 @@ def as_flags(grid: dict) -> list:
     return flags
 
 
+def read_grid(file: str) -> dict:
+    """A grid file: UTF-8 YAML (yaml.safe_load: data only), a mapping of sweep.py's flags to a value or a list of
+    values, and `flags:`, a mapping of all/iql/cql/td3_bc/rebrac to a string of the scripts' flags or a list of them.
+    Anything else is a UserError that names the file."""
+    try:
+        grid = yaml.safe_load(Path(file).read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        where = f"byte {e.object[e.start]:#x} at offset {e.start}"
+        raise UserError(f"the grid file {file} is not UTF-8 text ({where}): save it as UTF-8") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read the grid file {file}: {' '.join(str(e).split())}") from None
+    extra = grid.get("flags", {}) if isinstance(grid, dict) else None
+    if not isinstance(extra, dict) or set(extra) - {"all", *ALGOS}:
+        raise UserError(
+            f"the grid file {file} must be a mapping of sweep.py's flags, its `flags:` a mapping of all/iql/cql/"
+            "td3_bc/rebrac to extra flags of the scripts (see configs/grids/)"
+        )
+
+    def plain(value) -> bool:  # a string, number or boolean, or a list of them
+        return all(isinstance(v, str | int | float) for v in (value if isinstance(value, list) else [value]))
+
+    for key, value in grid.items():
+        if key != "flags" and not plain(value):
+            raise UserError(f"in the grid file {file}: {key} takes a value or a list of values, not {value!r:.100}")
+    for key, value in extra.items():
+        if not isinstance(value, str | list) or not plain(value):
+            raise UserError(
+                f'in the grid file {file}: flags: {key} takes the scripts\' flags as a string ("--hidden-dim 32") '
+                f"or a list of strings, not {value!r:.100}"
+            )
+        try:
+            shlex.split(value if isinstance(value, str) else "")
+        except ValueError as e:  # an unclosed quote
+            problem = f"cannot be split into flags ({e}): {value!r:.100}"
+            raise UserError(f"in the grid file {file}: flags: {key} {problem}") from None
+    return grid
+
+
 def parse_args(argv: list) -> tuple:
     """Grid file < flags. Returns Args and, per algorithm, the extra flags of its runs (grid `flags:` all, the
     algorithm's own, then everything after `--` on the command line)."""
     cut = argv.index("--") if "--" in argv else len(argv)
     argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = tyro.cli(Args, args=argv, description=__doc__)
-    grid = {}
+    grid = read_grid(args.grid) if args.grid else {}
     if args.grid:
-        try:
-            grid = yaml.safe_load(Path(args.grid).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read the grid file {args.grid}: {e}") from None
-        extra = grid.get("flags", {}) if isinstance(grid, dict) else None
-        if not isinstance(extra, dict) or set(extra) - {"all", *ALGOS}:
-            raise UserError(
-                f"the grid file {args.grid} must be a mapping of sweep.py's flags, its `flags:` a mapping "
-                "of all/iql/cql to extra flags of the scripts (see configs/grids/)"
-            )
         try:  # the file alone first, so that an error in it names it
             from_grid = tyro.cli(Args, args=as_flags({k: v for k, v in grid.items() if k != "flags"}))
         except SystemExit:
@@ -170,16 +198,23 @@ def make_runs(args: Args, flags: dict) -> list:
 
 # -------- State of a run folder ---------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict | None:
+    """A JSON object, or None for a missing, damaged or other file."""
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return content if isinstance(content, dict) else None
 
 
 def state_of(run: Run, total_steps: int | None) -> str:
     """completed, resume or start; a run folder of other --total-steps is a user error (resuming keeps them)."""
     run_dir = Path(run.dir)
-    saved = yaml.safe_load((run_dir / "args.yaml").read_text()) if (run_dir / "args.yaml").exists() else None
+    try:
+        saved = yaml.safe_load((run_dir / "args.yaml").read_text()) if (run_dir / "args.yaml").exists() else None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+        print(f"warning: {run_dir / 'args.yaml'} is damaged ({type(e).__name__}); its --total-steps is not checked")
+        saved = None
+    saved = saved if isinstance(saved, dict) else None
     if total_steps and (saved or {}).get("total_steps", total_steps) != total_steps:
         raise UserError(
             f"{run_dir} was started with --total-steps {saved['total_steps']}, the grid asks for "
@@ -292,7 +327,8 @@ def describe(summary: dict | None) -> str:
     s = summary or {}
     kind = "score" if s.get("final_normalized_score") is not None else "return"
     final, best = (s.get(f"{w}_normalized_score" if kind == "score" else f"{w}_return") for w in ("final", "best"))
-    numbers = f"final {kind} {final:.1f}, best {best:.1f}" if final is not None else "no evaluation"
+    numeric = all(isinstance(x, int | float) for x in (final, best))
+    numbers = f"final {kind} {final:.1f}, best {best:.1f}" if numeric else "no evaluation"
     return f"{numbers} ({s.get('steps')} steps, {s.get('wall_seconds') or 0:.0f} s)"
 
 

@@ -191,15 +191,16 @@ def run_dir_of(output: Path) -> Path:
     return run_dir
 
 
-def script_checkpoint(algo: str, file: Path, obs_dim: int, low: list, high: list, dataset: str = PENDULUM):
+def script_checkpoint(algo: str, file: Path, obs_dim: int, low: list, high: list, **args):
     """A checkpoint file of an algorithm script, as its runs write one for acting: its actor with random weights (its
-    own make_networks, 16 units), asymmetric normalization statistics. Returns the script's Policy around it too."""
+    own make_networks; Args(hidden_dim=16, **args)), asymmetric normalization statistics. Returns the script's Policy
+    around it too."""
     import dataclasses
     import importlib
 
     module = importlib.import_module(algo)
     torch.manual_seed(0)
-    args = module.Args(hidden_dim=16, env=dataset)
+    args = module.Args(**{"hidden_dim": 16, "env": PENDULUM} | args)
     actor = module.make_networks(args, obs_dim, len(low))["actor"].eval()
     stats = {
         "obs_mean": torch.randn(obs_dim),
@@ -208,7 +209,7 @@ def script_checkpoint(algo: str, file: Path, obs_dim: int, low: list, high: list
         "action_high": torch.tensor(high, dtype=torch.float32),
     }
     ckpt = {"algo": algo, "args": dataclasses.asdict(args), "actor": actor.state_dict(), "normalization": stats}
-    ckpt.update(minari_id=dataset, step=0)
+    ckpt.update(minari_id=args.env, step=0)
     torch.save(ckpt, file)
     return module.Policy(actor, stats)
 

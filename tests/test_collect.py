@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -378,6 +379,31 @@ def test_iql_run_folder_is_a_checkpoint_policy(minari_root, quickstart, run):
     assert dataset.recover_environment(eval_env=True).spec.id == "Pendulum-v1"
 
 
+def crafted_env_spec(marker) -> str:
+    """Pendulum's spec with the entry point os:system: gym.make would call os.system(command=...)."""
+    spec = json.loads(gym.make("Pendulum-v1").spec.to_json())
+    return json.dumps(spec | {"entry_point": "os:system", "kwargs": {"command": f"touch {marker}"}})
+
+
+@pytest.mark.parametrize("where", ["teacher checkpoint", "checkpoint's dataset"])
+def test_an_env_spec_from_a_file_runs_no_function_that_the_file_names(where, minari_root, tmp_path, capsys):
+    """Without --env the env comes from the checkpoint (collect.py's teacher.pt) or from its dataset (iql/cql): a
+    spec whose entry point is not the registered one is refused before gym.make could call it."""
+    marker, env = tmp_path / "marker", gym.make("Pendulum-v1")
+    ckpt = checkpoint_of("iql", torch.nn.Linear(3, 1), env, "collect/crafted/env-v0")
+    if where == "teacher checkpoint":
+        ckpt |= {"algo": "collect-sac", "env_spec": crafted_env_spec(marker)}
+    else:
+        make_dataset("collect/crafted/env-v0", "Pendulum-v1", 1, max_episode_steps=5)
+        metadata_file = minari.storage.get_dataset_path("collect/crafted/env-v0") / "data" / "metadata.json"
+        metadata = json.loads(metadata_file.read_text())
+        metadata_file.write_text(json.dumps(metadata | {"eval_env_spec": crafted_env_spec(marker)}))
+    torch.save(ckpt, tmp_path / "c.pt")
+    code, error = exit_code_and_error(capsys, "--policy", "checkpoint", "--checkpoint", tmp_path / "c.pt")
+    assert code == 2 and "with entry point 'os:system', not an env as gymnasium registered it" in error, error
+    assert not marker.exists()
+
+
 # ---- SAC teacher and the quickstart ----------------------------------------------------------------------
 def test_sac_teacher_beats_the_random_policy_within_a_small_budget(quickstart):
     summary = quickstart["collect_summary"]
@@ -605,3 +631,122 @@ def test_interruption_while_writing_removes_the_partial_dataset_and_keeps_the_re
         record(*argv, "--episodes", 3, "--overwrite")
     assert minari.load_dataset("collect/pendulum/cut-write-v0").total_episodes == 2  # the old one, whole
     assert not any(p.name.startswith(".") for p in path.parent.iterdir())
+
+
+# ---- --overwrite killed at any moment: the old or the new dataset under the id, never part of one -----------------
+KILLED = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, os.getcwd())
+import collect, minari
+
+create, rename, swap_in, moment = minari.create_dataset_from_buffers, os.rename, collect.swap_in, sys.argv.pop(1)
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def half_then_kill(buffers):  # half the episodes are in the new file when the kill comes
+    yield from buffers[: len(buffers) // 2]
+    kill()
+
+if moment == "while writing":
+    minari.create_dataset_from_buffers = lambda i, buffers, **k: create(i, half_then_kill(buffers), **k)
+if moment == "written, not swapped in":
+    minari.create_dataset_from_buffers = lambda *a, **k: [create(*a, **k), kill()]
+if moment == "swapped in, not cleaned up":
+    collect.swap_in = lambda *a: [swap_in(*a), kill()]
+if moment == "between the renames without an exchange":
+    collect.exchange = lambda a, b: False
+    os.rename = lambda src, dst: [rename(src, dst), Path(dst).name == "replaced" and kill()]
+sys.exit(collect.cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "moment,left",
+    [
+        ("while writing", 2),
+        ("written, not swapped in", 2),
+        ("swapped in, not cleaned up", 3),
+        ("between the renames without an exchange", None),  # the next run puts the old one back
+    ],
+)
+def test_overwrite_killed_at_any_moment_leaves_the_old_or_the_new_dataset_and_the_next_run_cleans_up(
+    moment, left, minari_root
+):
+    """A real collect.py --overwrite, SIGKILLed at each step of writing the new dataset (2 episodes replaced by 3)."""
+    dataset_id = f"collect/killed/{moment.replace(' ', '_').replace(',', '')}-v0"
+    argv = ["--env", "Pendulum-v1", "--max-episode-steps", 5, "--ref-episodes", 1, "--dataset-id", dataset_id]
+    record(*argv, "--episodes", 2)
+    path = minari.storage.get_dataset_path(dataset_id)
+    env = {**os.environ, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-c", KILLED, moment, *map(str, argv), "--episodes", "3", "--overwrite"]
+    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    (staging,) = path.parent.glob(f".{path.name}.new-*")  # what the kill left, hidden from Minari's listing
+    if left is None:
+        assert not path.exists() and (staging / "replaced").is_dir()
+    else:
+        dataset = minari.load_dataset(dataset_id)
+        assert dataset.total_episodes == left and len(list(dataset.iterate_episodes())) == left
+    assert dataset_id in minari.list_local_datasets() or left is None
+
+    result = run_script("collect.py", *argv, "--episodes", 4, "--overwrite", env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"note: removed {staging}, the unfinished write of a killed collect.py" in result.stdout
+    assert ("note: put back dataset" in result.stdout) == (left is None)
+    assert minari.load_dataset(dataset_id).total_episodes == 4
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir())
+
+
+def test_a_disk_that_fills_while_writing_keeps_the_old_dataset(minari_root):
+    """A real collect.py whose files may not grow past 64 kB (RLIMIT_FSIZE: writes fail with EFBIG, as on a full
+    disk) replacing 1 episode by 200: it fails (exit 2, or h5py 3's segmentation fault on closing the failed file),
+    the old dataset stays whole under the id, and the next run removes what the failed write left."""
+    resource = pytest.importorskip("resource")
+    dataset_id = "collect/full/disk-v0"
+    argv = ["--env", "Pendulum-v1", "--ref-episodes", 1, "--dataset-id", dataset_id]
+    record(*argv, "--episodes", 1, "--max-episode-steps", 5)
+    path = minari.storage.get_dataset_path(dataset_id)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    cmd = [sys.executable, str(ROOT / "collect.py"), *map(str, argv), "--episodes", "200", "--overwrite"]
+    env = {**os.environ, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert result.returncode in (2, -signal.SIGSEGV), result.stdout + result.stderr
+    assert minari.load_dataset(dataset_id).total_episodes == 1
+    record(*argv, "--episodes", 2, "--max-episode-steps", 5, "--overwrite")
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir())
+
+
+def test_too_little_free_space_is_refused_before_writing(minari_root, monkeypatch):
+    dataset_id = "collect/full/estimate-v0"
+    argv = ["--env", "Pendulum-v1", "--ref-episodes", 1, "--max-episode-steps", 5, "--dataset-id", dataset_id]
+    record(*argv, "--episodes", 1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=300_000))
+    with pytest.raises(collect.UserError, match=r"needs about 1 MiB and .* has 0 MiB free: make room"):
+        record(*argv, "--episodes", 40, "--overwrite")  # 40 x 16 KiB and their numbers
+    assert minari.load_dataset(dataset_id).total_episodes == 1
+
+
+def test_a_backup_left_by_an_earlier_collect_is_put_back_or_named(minari_root, capsys):
+    """collect.py before the staging folder moved the replaced dataset to .<name>.replaced-<pid>, and a kill left it
+    there: with nothing under the id it goes back; beside a dataset, a warning names it."""
+    dataset_id = "collect/legacy/backup-v0"
+    argv = ["--env", "Pendulum-v1", "--max-episode-steps", 5, "--ref-episodes", 1, "--dataset-id", dataset_id]
+    record(*argv, "--episodes", 2)
+    path = minari.storage.get_dataset_path(dataset_id)
+    backup = path.with_name(f".{path.name}.replaced-99999999")
+    path.rename(backup)
+    with pytest.raises(collect.UserError, match="already exists"):
+        record(*argv, "--episodes", 1)
+    assert "note: put back dataset" in capsys.readouterr().out and minari.load_dataset(dataset_id).total_episodes == 2
+    shutil.copytree(path, backup)
+    record(*argv, "--episodes", 1, "--overwrite")
+    assert (
+        f"warning: {backup} holds the dataset that an interrupted collect.py --overwrite replaced"
+        in capsys.readouterr().out
+    )

@@ -254,3 +254,51 @@ def test_fine_tuning_runs_get_an_offline_to_online_table_with_the_regret(tmp_pat
     assert "| door-human-v2 | 50.0 ± 10.0 → 80.0 ± 10.0 (2, regret 0.30) |" in text
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert float(rows[0]["offline_mean"]) == 50.0 and float(rows[0]["regret_mean"]) == pytest.approx(0.3)
+
+
+DAMAGE = {  # summary.json edits -> what the warning says
+    "seed-string": ({"seed": "0"}, 'seed is "0", not int'),
+    "history-dict": ({"eval_history": {"step": 100}}, "eval_history is {"),
+    "no-minari-id": ({"minari_id": None}, "no minari_id"),  # None: the key is left out
+    "score-string": ({"final_return": "12.5"}, 'final_return is "12.5", not a number'),
+    "score-list": ({"best_normalized_score": [1, 2]}, "best_normalized_score is [1, 2], not a number"),
+    "step-string": ({"eval_history": [{"step": "100", "return": 1.0}]}, 'eval_history[0] is {"step": "100"'),
+    "regret-string": ({"online": {"regret": "low"}}, 'online.regret is "low", not a number'),
+    "steps-bool": ({"steps": True}, "steps is true, not int"),
+}
+
+
+def test_a_summary_of_the_wrong_types_is_skipped_with_a_warning_that_names_it_and_says_what_is_wrong(tmp_path):
+    """Damaged summary.json files (a string for a number, a dict for a list, a key missing, a JSON list) beside a
+    good one: each is skipped with one warning naming its file; the good run is reported, no traceback."""
+    write_run(tmp_path, "iql", "D4RL/door/human-v2", 0, [10.0, 20.0, 30.0])
+    for i, (edit, _) in enumerate(DAMAGE.values()):
+        summary = write_run(tmp_path / "damaged", "iql", "D4RL/door/human-v2", i + 1, [1.0, 2.0, 3.0])
+        run_dir = tmp_path / "damaged" / f"D4RL-door-human-v2__iql__{i + 1}"
+        (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in (summary | edit).items() if v is not None}))
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "summary.json").write_text("[1, 2]")
+    warnings = []
+    runs = report.load_runs([str(tmp_path)], warnings.append)
+    assert [r["seed"] for r in runs] == [0]
+    for i, (name, (_, phrase)) in enumerate(DAMAGE.items()):
+        path = tmp_path / "damaged" / f"D4RL-door-human-v2__iql__{i + 1}" / "summary.json"
+        assert any(w.startswith(f"{path} is damaged (") and phrase in w for w in warnings), (name, warnings)
+    assert f"{tmp_path / 'listed' / 'summary.json'} holds a JSON list, not a run's summary: skipped" in warnings
+    assert len(warnings) == len(DAMAGE) + 1
+    result = run_script("report.py", tmp_path, "--out", tmp_path / "out", "--reps", "200")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "| door-human-v2 | 30.0 ± 0.0 (1) |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nan_scores_are_left_out_with_a_warning_that_names_the_runs(tmp_path, capsys):
+    """A diverged seed (NaN final score, json's NaN) is not averaged in: the warning names it, the table has 2 seeds."""
+    for seed, final in enumerate([40.0, float("nan"), 60.0]):
+        write_run(tmp_path / "runs", "iql", "D4RL/door/human-v2", seed, [10.0, 20.0, final])
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--reps", "200"])
+    warning = capsys.readouterr().err
+    nan_run = tmp_path / "runs" / "D4RL-door-human-v2__iql__1"
+    assert "1 runs with a NaN or infinite score (diverged?), left out of every number" in warning
+    assert f"{nan_run} (final_return nan, final_normalized_score nan, return at step 300 nan)" in warning
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| door-human-v2 | 50.0 ± 10.0 (2) |" in text and "nan ±" not in text

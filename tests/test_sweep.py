@@ -298,3 +298,50 @@ def test_bad_grids_are_a_clear_error(grid, flags, phrase, pendulum, tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in out and phrase in out, out
     assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        (b"algos: [iql]\nenvs: [caf\xe9]\n", "is not UTF-8 text (byte 0xe9 at offset 23): save it as UTF-8"),
+        (b"flags: {all: 5}\n", "flags: all takes the scripts' flags as a string"),
+        (b"flags: {iql: null}\n", "flags: iql takes the scripts' flags as a string"),
+        (b"flags: {all: [{hidden_dim: 32}]}\n", "flags: all takes the scripts' flags as a string"),
+        (b'flags: {all: "--run-name \'unclosed"}\n', "flags: all cannot be split into flags (No closing quotation)"),
+        (b"flags: [--hidden-dim, 32]\n", "its `flags:` a mapping of all/iql/cql/td3_bc/rebrac"),
+        (b"flags: {bc: --x}\n", "its `flags:` a mapping of all/iql/cql/td3_bc/rebrac"),
+        (b"- iql\n- cql\n", "must be a mapping of sweep.py's flags"),
+        (b"seeds: {first: 1}\n", "seeds takes a value or a list of values, not {'first': 1}"),
+        (b"envs: [[a, b]]\n", "envs takes a value or a list of values"),
+        (b"total_steps: 2024-01-01\n", "total_steps takes a value or a list of values"),
+        (b"algos: [iql\n", "cannot read the grid file"),
+        (b"seeds: !!python/object/apply:os.system [echo]\n", "cannot read the grid file"),
+        (b"total_steps: many\n", "its keys are sweep.py's flags"),
+    ],
+    ids=["latin-1", "flags-5", "flags-null", "flags-dict", "unclosed-quote", "flags-list", "flags-bc", "a-list"]
+    + ["dict-value", "nested-list", "date", "yaml-syntax", "python-tag", "wrong-type"],
+)
+def test_a_malformed_grid_file_is_one_paragraph_naming_it(content, phrase, tmp_path, capsys):
+    """Grid files that are not UTF-8 or YAML, or hold a value of the wrong type anywhere: sweep.py's UserError
+    (exit 2) names the file; yaml.safe_load builds no Python object from a tag."""
+    (tmp_path / "g.yaml").write_bytes(content)
+    with pytest.raises(sweep.UserError) as error:
+        sweep.parse_args([str(tmp_path / "g.yaml")])
+    message = str(error.value)
+    assert phrase in message and str(tmp_path / "g.yaml") in message and "\n" not in message, message
+
+
+def test_a_grid_file_that_is_not_utf8_exits_2_without_a_traceback(tmp_path):
+    (tmp_path / "g.yaml").write_bytes(b"envs: [\xff\xfe]\n")
+    result = run_script("sweep.py", tmp_path / "g.yaml", "--dry-run", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: the grid file {tmp_path / 'g.yaml'} is not UTF-8 text")
+
+
+def test_damaged_run_folders_do_not_stop_a_sweep(tmp_path):
+    """A run folder's summary.json that is a list, and its args.yaml that is not UTF-8: the run starts or resumes."""
+    run = sweep.Run("r", str(tmp_path), [], [], {})
+    (tmp_path / "summary.json").write_text("[1, 2]")
+    (tmp_path / "args.yaml").write_bytes(b"total_steps: \xff\n")
+    assert sweep.state_of(run, 1000) == "start"
+    assert sweep.describe({"final_return": "12", "best_return": None}) == "no evaluation (None steps, 0 s)"
