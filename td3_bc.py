@@ -943,7 +943,17 @@ def scale_actions(actions, low, high):
 
 # -------- Evaluation: vectorized envs, deterministic actions, Minari normalized score --------
 def make_eval_env(dataset: minari.MinariDataset, **kwargs) -> gym.Env:
-    """The dataset's own evaluation env (its episode limit, not gym.make's), observations flattened."""
+    """The dataset's own evaluation env (its episode limit, not gym.make's), observations flattened. The dataset names
+    the function that makes it: only the one gymnasium registered under the env's id is called (docs/trust.md)."""
+    spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+    if spec.id not in gym.registry:
+        importlib.import_module("gymnasium_robotics")  # registers Adroit, the mazes, kitchen
+    registered = gym.registry.get(spec.id)
+    if registered is None or spec.entry_point != registered.entry_point or spec.additional_wrappers:
+        raise UserError(
+            f"dataset {dataset.id} makes its env {spec.id} with {spec.entry_point!r}, not as gymnasium registered it: "
+            "that would run a function the dataset names (docs/trust.md)"
+        )
     return gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True, **kwargs))
 
 

@@ -188,3 +188,17 @@ def test_data_inconsistent_with_its_spaces_is_refused_with_what_and_where(incons
     for key, phrase in (("actions", "actions (200, 2)"), ("observations", "observations (199, 3)"), ("rewards", "")):
         result = run_script(ALGO, "--env", inconsistent_datasets[key], *out)
         assert_user_error(result, f"dataset {inconsistent_datasets[key]}: episode 1", phrase)
+
+
+def test_a_dataset_whose_env_spec_names_another_function_is_refused_before_it_runs(minari_root, tmp_path):
+    """A dataset's evaluation env spec names the function gym.make calls: os:system with a command is never called."""
+    from test_collect import crafted_env_spec
+
+    marker = tmp_path / "marker"
+    make_dataset("local/crafted/env-v0", "Pendulum-v1", 1, max_episode_steps=5)
+    metadata_file = minari.storage.get_dataset_path("local/crafted/env-v0") / "data" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps(metadata | {"eval_env_spec": crafted_env_spec(marker)}))
+    result = run_script(ALGO, "--env", "local/crafted/env-v0", "--output", tmp_path / "runs")
+    assert_user_error(result, "with 'os:system', not as gymnasium registered it")
+    assert not marker.exists()

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import script_checkpoint
+from conftest import ALGOS, script_checkpoint
 
 import collect
 import policy as policy_tool
@@ -153,7 +153,7 @@ def craft(genuine, edit, marker, file):
     return file
 
 
-@pytest.mark.parametrize("algo", ["iql", "cql", "td3_bc", "rebrac"])
+@pytest.mark.parametrize("algo", [a[:-3] for a in ALGOS])
 def test_every_scripts_export_acts_as_its_policy(algo, tmp_path):
     policy = export(algo, tmp_path / "policy.pt2")
     loaded = policy_tool.load_exported_policy(tmp_path / "policy.pt2")
