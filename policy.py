@@ -41,7 +41,7 @@ class Evaluate:
     run: Annotated[str, tyro.conf.Positional]  # a run folder (its checkpoints/last.pt) or a checkpoint file
     episodes: int = 100  # evaluation episodes, run in lockstep
     seed: int | None = None  # default: the run's, so that the episodes repeat the run's own evaluation at that step
-    device: str = "auto"  # where the policy runs: auto, cpu, cuda, mps
+    device: str = "auto"  # where the policy runs: auto (cuda, then mps, then cpu) or any torch device (cuda:1)
     video: bool = False  # also a GIF of the first episode, beside the results (MuJoCo: MUJOCO_GL=egl)
     script: str | None = None  # the algorithm script to build the policy with; default: <algo>.py beside policy.py
 
@@ -103,6 +103,8 @@ def load_policy(path: str, script: str | None = None) -> tuple:
 
 def evaluate(cmd: Evaluate) -> dict:
     """Many seeded episodes of the checkpoint's policy: printed, and written to <run>/evaluations/ as JSON."""
+    if cmd.episodes < 1:
+        raise UserError("--episodes must be at least 1")
     policy, ckpt, file, module = load_policy(cmd.run, cmd.script)
     dataset = module.load_dataset(ckpt["minari_id"])
     module.check_dataset(dataset, ckpt, "policy.py evaluate")

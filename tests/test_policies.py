@@ -4,6 +4,7 @@ that has only torch, for every algorithm script and for a copied one; wrong chec
 the same id are refused; collect.py records with an exported policy."""
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,18 @@ def test_evaluate_reproduces_the_runs_own_evaluation_and_writes_mean_std_and_int
     assert report["return"]["std"] == pytest.approx(np.std(report["returns"]))
     assert report["success_rate"] is None  # Pendulum does not report success
     assert "95 % CI" in result.stdout and "normalized_score" in result.stdout
+
+
+def test_evaluate_on_storage_it_cannot_write_prints_the_results_and_says_so(trained, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    result = run_script("policy.py", "evaluate", trained, "--episodes", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "95 % CI" in result.stdout and "could not write the results" in result.stdout
+    assert "Read-only file system" in result.stdout
+    assert_user_error(run_script("policy.py", "evaluate", trained, "--episodes", "0"), "--episodes must be at least 1")
 
 
 def test_evaluate_runs_100_episodes_by_default(trained):
