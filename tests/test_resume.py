@@ -147,6 +147,16 @@ def test_a_run_whose_checkpoint_cannot_be_written_stops_and_is_not_marked_comple
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 100
 
 
+def test_a_run_whose_summary_cannot_be_written_stops(pendulum, tmp_path, monkeypatch):
+    write = common.atomic_write
+    monkeypatch.setattr(
+        common, "atomic_write", lambda path, data: disk_full() if path.suffix == ".json" else write(path, data)
+    )
+    result = run_script("iql.py", "--env", pendulum, *resumable("iql.py"), "--output", tmp_path)
+    assert_user_error(result, "could not write", "summary.json at step 100", "No space left")
+    assert not (run_dir_of(tmp_path) / "summary.json").exists()
+
+
 # ---- extending, locking, damaged checkpoints --------------------------------------------------------------
 def test_a_finished_run_extended_with_more_steps_equals_a_longer_run(pendulum, tmp_path):
     """td3_bc.py has no schedule that depends on the total: 400 steps, then --total-steps 600, is the 600-step run."""
