@@ -3,6 +3,8 @@ the same run, a run interrupted by SIGINT or SIGTERM resumes to the uninterrupte
 change the run, only the newest checkpoints are kept, a failed write keeps the previous one, and non-finite losses
 stop a run before a checkpoint is written."""
 
+import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -132,7 +134,8 @@ def test_a_failed_checkpoint_write_warns_and_keeps_the_previous_checkpoint(tmp_p
 
 
 def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pendulum, tmp_path):
-    lrs = ["--actor-lr", "1e30", "--critic-lr", "1e30"] + (["--value-lr", "1e30"] if algo == "iql.py" else [])
+    fields = dataclasses.fields(importlib.import_module(algo[:-3]).Args)
+    lrs = [x for f in fields if f.name.endswith("_lr") for x in (f"--{f.name.replace('_', '-')}", "1e30")]
     result = run_script(algo, "--env", pendulum, *FAST, *small(algo), *lrs, "--output", tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 3 and "Traceback" not in out, out
