@@ -11,9 +11,11 @@ from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
     assert_same_networks,
+    assert_user_error,
     compiled_and_eager_updates,
     fixed_batch,
     metrics_and_moved_networks,
+    run_script,
 )
 
 import bc
@@ -116,3 +118,7 @@ def test_out_of_range_values_and_fine_tuning_are_refused(flags, message):
     with pytest.raises(bc.UserError, match="invalid hyperparameters") as error:
         bc.validate(bc.Args(**flags))
     assert message in str(error.value)
+
+
+def test_online_steps_are_refused_on_the_command_line_before_any_data_is_read(pendulum):
+    assert_user_error(run_script("bc.py", "--env", pendulum, "--online-steps", "10"), "does not fine-tune online")

@@ -2,6 +2,7 @@
 after online steps, returns-to-go, the offline/online mix of batches, interrupting and resuming in the online phase,
 what a fine-tuning run logs, and learning: fine-tuning lifts a policy that offline training left below the expert."""
 
+import importlib
 import json
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ALGOS, ROOT, run_script
 from local_datasets import rollout
 
 import iql
@@ -120,6 +121,15 @@ FINETUNE = ["--total-steps", "200", "--online-steps", "600", "--eval-every", "20
 FINETUNE += ["--log-every", "100", "--checkpoint-every", "100", "--hidden-dim", "32"]
 
 
+def fine_tunes(algo: str) -> bool:
+    module = importlib.import_module(algo[:-3])
+    return not module.check_args(module.Args(online_steps=1))  # bc.py refuses --online-steps
+
+
+FINE_TUNING = [algo for algo in ALGOS if fine_tunes(algo)]
+
+
+@pytest.mark.parametrize("algo", FINE_TUNING)
 def test_a_fine_tuning_run_interrupted_online_resumes_with_what_it_had_learned(algo, pendulum, tmp_path):
     """SIGINT in the online phase: the checkpoint holds the online transitions; the resumed run starts a new episode,
     keeps them, and completes; the summary has the offline and the final score, the logs the online curves."""
