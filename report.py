@@ -2,9 +2,10 @@
 
     python report.py runs/ [more folders] [--out report/]
 
-Reads every summary.json that iql.py / cql.py wrote under the given folders (no TensorBoard parsing), groups the runs
-by (algorithm, dataset) and writes, following CORL's protocol (final score = the last evaluation, best = the
-maximum over evaluations; mean and standard deviation over seeds, numpy's population std, ddof=0):
+Reads every summary.json that an algorithm script (iql.py, cql.py, ...) wrote under the given folders (no TensorBoard
+parsing), groups the runs by (algorithm, dataset) and writes, following CORL's protocol (final score = the last
+evaluation, best = the maximum over evaluations; mean and standard deviation over seeds, numpy's population std,
+ddof=0):
   report.md             final and best normalized score as mean ± std (seeds), per-domain averages, warnings
   results.csv           the same numbers unrounded, one row per (algorithm, dataset) and per domain average
   curves_<dataset>.png  normalized score against gradient steps per algorithm: the mean at each evaluation (a
@@ -102,7 +103,7 @@ def load_runs(folders: list, warn) -> list:
                 runs.append({**summary, "path": str(path.parent), "mtime": path.stat().st_mtime})
     if not runs:
         raise UserError(
-            f"no summary.json of an iql.py / cql.py run under {', '.join(folders)}: runs write it with "
+            f"no summary.json of an algorithm script's run under {', '.join(folders)}: runs write it with "
             "every checkpoint, into <--output>/<run>/summary.json"
         )
     return runs

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, run_script
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py")
+ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py", "bc.py", "awac.py")
 TOOLS = ("collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
 TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "tools/shared_block.py")
 PAGE_SCRIPT = {
@@ -25,6 +25,8 @@ PAGE_SCRIPT = {
     "cql.md": "cql.py",
     "td3_bc.md": "td3_bc.py",
     "rebrac.md": "rebrac.py",
+    "bc.md": "bc.py",
+    "awac.md": "awac.py",
     "collect.md": "collect.py",
     "sweeps.md": "sweep.py",
 }
