@@ -1,11 +1,10 @@
 """Behaviour cloning (BC), a single-file implementation on Gymnasium + Minari.
 
 Behaviour cloning is supervised learning of the dataset's actions: a deterministic actor pi(s) = tanh(MLP(s)) trained
-to minimize the mean squared error (pi(s) - a)^2 to the action taken in the data, on standardized states. It uses no
-reward and no critic: the baseline every offline RL algorithm is compared with, and what they reduce to when their
-data is expert. CORL's any_percent_bc.py, which this script follows, also trains on the top fraction of episodes by
-return (x % BC, after "Decision Transformer: Reinforcement Learning via Sequence Modeling", Lili Chen et al., NeurIPS
-2021, arXiv:2106.01345): docs/bc.md says where that stands. Docs: docs/bc.md.
+to minimize the mean squared error (pi(s) - a)^2 to the action taken in the data, on standardized states; no reward, no
+critic. It is the baseline every offline RL algorithm is compared with. CORL's any_percent_bc.py, which this script
+follows, also trains on the top fraction of the episodes by return ("10 % BC", the %BC of Chen et al., "Decision
+Transformer: Reinforcement Learning via Sequence Modeling", NeurIPS 2021, arXiv:2106.01345). Docs: docs/bc.md.
 
 Read on: the algorithm (Args, checks, per-domain settings, the network, the loss, the update step), then the shared
 block that every algorithm script holds word for word (data, evaluation, configuration, checkpoints, the training loop).
@@ -70,7 +69,8 @@ class Args:
     export: str | None = None  # with --evaluate: write its policy to this .pt2 file (torch.export; .onnx too if onnx)
     # -------- SHARED BLOCK (args) ends --------
 
-    # Algorithm hyperparameters (CORL's any_percent_bc.py and configs/offline/bc, the same on every D4RL domain)
+    # Algorithm hyperparameters (CORL's any_percent_bc.py and configs/offline/bc, the same on every D4RL domain). Its
+    # frac < 1 (10 % BC) selects episodes before the shared block computes the state statistics: docs/bc.md#10--bc
     actor_lr: float = 3e-4  # actor learning rate (Adam)
     hidden_dim: int = 256  # width of the actor's hidden layers
     n_hidden: int = 2  # hidden layers of the actor
