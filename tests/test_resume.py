@@ -3,6 +3,8 @@ the same run, a run interrupted by SIGINT or SIGTERM resumes to the uninterrupte
 change the run, only the newest checkpoints are kept, a failed write keeps the previous one, and non-finite losses
 stop a run before a checkpoint is written."""
 
+import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -206,3 +208,13 @@ def test_a_damaged_last_checkpoint_names_the_newest_readable_one(algo, reference
     assert_user_error(run_script(algo, "--resume", run_dir / "checkpoints" / "best.pt"), "give a run folder")
     finished = run_script(algo, "--resume", run_dir / "checkpoints" / "step_600.pt")
     assert finished.returncode == 0 and "is finished" in finished.stdout
+
+
+def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pendulum, tmp_path):
+    fields = dataclasses.fields(importlib.import_module(algo[:-3]).Args)
+    rates = [f.name.replace("_", "-") for f in fields if f.name.endswith("_lr") and f.type is float]  # every rate
+    lrs = [x for name in rates for x in (f"--{name}", "1e30")]
+    result = run_script(algo, "--env", pendulum, *FAST, *small(algo), *lrs, "--output", tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 3 and "Traceback" not in out, out
+    assert "losses/" in out and "became non-finite between steps 0 and 100" in out

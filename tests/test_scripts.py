@@ -79,6 +79,8 @@ ADROIT_SETTINGS = {  # each script's Adroit row (TD3+BC has none: its defaults) 
     "cql.py": {"cql_alpha": 1.0, "actor_lr": 1e-4},
     "td3_bc.py": {"alpha": 2.5, "normalize_states": True},
     "rebrac.py": {"beta1": 0.1, "beta2": 0.1, "actor_lr": 3e-4, "critic_lr": 3e-4},
+    "bc.py": {"actor_lr": 3e-4, "normalize_states": True},
+    "awac.py": {"awac_lambda": 0.1},
 }
 
 
@@ -96,12 +98,15 @@ def test_script_copied_alone_with_common_keeps_the_published_per_domain_settings
 
 # ---- learning -------------------------------------------------------------------------------------------
 # Small budgets met with a wide margin: seeds 0-3 all reached return 1000 (the episode limit), IQL from step 400 on,
-# CQL at step 800 (646-1000 at step 400), TD3+BC from step 250 on, ReBRAC from step 1500 on
+# CQL at step 800 (646-1000 at step 400), TD3+BC from step 250 on, ReBRAC from step 1500 on, BC from step 250 on,
+# AWAC from step 200 on (checked to 600; by step 1000 two seeds had fallen to 445 and 684)
 LEARNING = {
     "iql.py": ["--total-steps", "1000", "--eval-every", "1000"],
     "cql.py": ["--total-steps", "800", "--eval-every", "800", "--hidden-dim", "64", "--actor-lr", "3e-4"],
     "td3_bc.py": ["--total-steps", "500", "--eval-every", "500"],
     "rebrac.py": ["--total-steps", "2000", "--eval-every", "2000", "--hidden-dim", "64"],
+    "bc.py": ["--total-steps", "500", "--eval-every", "500"],
+    "awac.py": ["--total-steps", "500", "--eval-every", "500", "--hidden-dim", "64"],
 }
 
 
@@ -121,6 +126,8 @@ BAD_HYPERPARAMETER = {
     "cql.py": ["--cql-alpha", "-1"],
     "td3_bc.py": ["--alpha", "-1"],
     "rebrac.py": ["--beta1", "-1"],
+    "bc.py": ["--actor-lr", "0"],
+    "awac.py": ["--awac-lambda", "0"],
 }
 
 

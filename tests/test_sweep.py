@@ -284,7 +284,7 @@ def test_a_dataset_missing_from_the_local_store_is_an_error_unless_on_a_cluster(
 @pytest.mark.parametrize(
     "grid, flags, phrase",
     [
-        ({"algos": ["iql", "bc"]}, [], "invalid choice 'bc'"),
+        ({"algos": ["iql", "ppo"]}, [], "invalid choice 'ppo'"),
         ({"envs": ["door-hman-v2"]}, [], "unknown dataset 'door-hman-v2'. Did you mean door-human-v2"),
         ({}, ["--address", "127.0.0.1:1"], "no Ray cluster at --address 127.0.0.1:1"),
     ],
