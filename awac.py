@@ -55,6 +55,21 @@ NEEDS_NEXT_ACTION = False  # the update reads (s, a, r, s', done) only: every tr
 
 @dataclasses.dataclass
 class Args:
+    # Algorithm hyperparameters (defaults: CORL's offline/awac.py with its locomotion configs)
+    discount: float = 0.99  # discount factor gamma
+    tau: float = 0.005  # Polyak averaging rate of the target critics
+    awac_lambda: float = 0.3333  # temperature lambda of the actor's weights exp(A / lambda) (CORL's locomotion value)
+    max_weight: float = 100.0  # the weights are clipped at this (CORL's exp_adv_max)
+    actor_lr: float = 3e-4  # actor learning rate
+    critic_lr: float = 3e-4  # critic learning rate
+    hidden_dim: int = 256  # width of every MLP
+    n_hidden: int = 3  # hidden layers of the actor and of each critic
+    normalize_states: bool = True  # standardize observations with the dataset mean/std (also at evaluation)
+    normalize_reward: bool = False  # scale rewards so that the spread of episode returns is 1000
+    reward_scale: float = 1.0  # rewards become r * reward_scale + reward_bias (after normalize_reward)
+    reward_bias: float = 0.0  # AntMaze: -1, so that the 0/1 goal reward becomes -1/0 (CORL)
+    mixing_ratio: float | None = None  # fine-tuning: offline share of each batch; None: uniform over both (CORL)
+
     # -------- SHARED BLOCK (args) begins: the same in every algorithm script --------
     env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
     seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
@@ -75,22 +90,8 @@ class Args:
     compile: bool = False  # torch.compile the update step
     bf16: bool = False  # bfloat16 autocast of the hidden layers; output layers, losses, weights, optimizer stay float32
     online_steps: int = 0  # then fine-tune online for this many env steps, one gradient step each (docs/finetuning.md)
+    top_fraction: float = 1.0  # train on this fraction of the episodes, those of highest discounted return (x % BC)
     # -------- SHARED BLOCK (args) ends --------
-
-    # Algorithm hyperparameters (defaults: CORL's offline/awac.py with its locomotion configs)
-    discount: float = 0.99  # discount factor gamma
-    tau: float = 0.005  # Polyak averaging rate of the target critics
-    awac_lambda: float = 0.3333  # temperature lambda of the actor's weights exp(A / lambda) (CORL's locomotion value)
-    max_weight: float = 100.0  # the weights are clipped at this (CORL's exp_adv_max)
-    actor_lr: float = 3e-4  # actor learning rate
-    critic_lr: float = 3e-4  # critic learning rate
-    hidden_dim: int = 256  # width of every MLP
-    n_hidden: int = 3  # hidden layers of the actor and of each critic
-    normalize_states: bool = True  # standardize observations with the dataset mean/std (also at evaluation)
-    normalize_reward: bool = False  # scale rewards so that the spread of episode returns is 1000
-    reward_scale: float = 1.0  # rewards become r * reward_scale + reward_bias (after normalize_reward)
-    reward_bias: float = 0.0  # AntMaze: -1, so that the 0/1 goal reward becomes -1/0 (CORL)
-    mixing_ratio: float | None = None  # fine-tuning: offline share of each batch; None: uniform over both (CORL)
 
 
 def check_args(args: Args) -> list:
@@ -315,6 +316,8 @@ class Run:
         self.buffer, self.stats = load_buffer(self.dataset, args, self.device)
         obs_dim, act_dim = self.buffer.obs.shape[1], len(self.stats["action_low"])
         print(f"{self.dataset.id}: {self.buffer.n_steps} transitions, {self.dataset.total_episodes} episodes")
+        if args.top_fraction < 1:
+            print(f"training on the {args.top_fraction:.0%} of highest return: {self.buffer.n_offline} transitions")
         self.envs = make_eval_envs(self.dataset, args.eval_episodes, obs_dim, act_dim) if args.eval_episodes else None
         self.run_dir, self.lock = make_run_dir(args)
         self.nets = {name: net.to(self.device) for name, net in make_networks(args, obs_dim, act_dim).items()}
@@ -853,6 +856,8 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
         lengths.append(T)
         t += T
     rows[1, :n] = rows[0, :n] + 1
+    kept = best_episodes(steps[:n, -3], lengths, args.discount, args.top_fraction)
+    sampled &= np.repeat(kept, lengths)
     reward_scale, reward_bias = reward_transform(np.array(returns), args)
     steps[:n, -3] = steps[:n, -3] * reward_scale + reward_bias
     # AntMaze's 0/1 goal reward: an episode that never reached it earned the failure reward at every step
@@ -861,7 +866,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     n_index = int(sampled.sum())
     index_tensor[:n_index] = torch.from_numpy(np.flatnonzero(sampled))
     offline = obs_tensor[:n_offline_rows]
-    var, mean = torch.var_mean(offline, dim=0, correction=0)
+    var, mean = torch.var_mean(offline[torch.from_numpy(np.repeat(kept, np.add(lengths, 1)))], dim=0, correction=0)
     stats = {"obs_mean": mean, "obs_std": var.sqrt() + 1e-3}
     if not args.normalize_states:
         stats = {"obs_mean": torch.zeros_like(mean), "obs_std": torch.ones_like(mean)}
@@ -872,6 +877,17 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
     return Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows), stats
+
+
+def best_episodes(rewards: np.ndarray, lengths: list, discount: float, fraction: float) -> np.ndarray:
+    """Which episodes to train on: all, or the fraction of them (at least one) of highest discounted raw return, as
+    CORL's any_percent_bc.py ranks them (it cuts trajectories at terminations and every 1000 steps; here: episodes)."""
+    kept = np.ones(len(lengths), bool)
+    if fraction < 1:
+        starts = np.cumsum(lengths) - np.asarray(lengths)
+        order = np.argsort(-returns_to_go(rewards, lengths, discount, None)[starts], kind="stable")
+        kept[order[max(1, int(fraction * len(lengths))) :]] = False
+    return kept
 
 
 def read_episodes(dataset: minari.MinariDataset):
@@ -1171,6 +1187,8 @@ def validate(args: Args) -> Args:
         problems.append("--capture-video needs evaluation episodes")
     if args.mixing_ratio is not None and not 0 <= args.mixing_ratio <= 1:
         problems.append("mixing_ratio must be in [0, 1] (or None: uniform)")
+    if not 0 < args.top_fraction <= 1:
+        problems.append("top_fraction must be in (0, 1]")
     if args.run_name is not None and (Path(args.run_name).name != args.run_name or args.run_name in ("", ".", "..")):
         problems.append("run_name must be a folder name, inside --output (no '/' or '..')")
     problems += check_args(args)

@@ -6,8 +6,9 @@ critic. It is the baseline every offline RL algorithm is compared with. CORL's a
 follows, also trains on the top fraction of the episodes by return ("10 % BC", the %BC of Chen et al., "Decision
 Transformer: Reinforcement Learning via Sequence Modeling", NeurIPS 2021, arXiv:2106.01345). Docs: docs/bc.md.
 
-Read on: the algorithm (Args, checks, per-domain settings, the network, the loss, the update step), then the shared
-block that every algorithm script holds word for word (data, evaluation, configuration, checkpoints, the training loop).
+Read on: the algorithm (its hyperparameters, checks and settings tables, the network, the loss, the update step), then
+the training loop, then the rest of the shared block that every algorithm script holds word for word (data, evaluation,
+configuration, checkpoints).
 """
 
 import contextlib
@@ -52,6 +53,19 @@ NEEDS_NEXT_ACTION = False  # the update reads (s, a) only: every transition is s
 
 @dataclasses.dataclass
 class Args:
+    # Algorithm hyperparameters (CORL's any_percent_bc.py and configs/offline/bc, the same on every D4RL domain). Its
+    # frac < 1 (10 % BC) selects episodes before the shared block computes the state statistics: docs/bc.md#10--bc
+    actor_lr: float = 3e-4  # actor learning rate (Adam)
+    hidden_dim: int = 256  # width of the actor's hidden layers
+    n_hidden: int = 2  # hidden layers of the actor
+    normalize_states: bool = True  # standardize observations with the dataset mean/std (also at evaluation)
+    # Read by the shared block (returns-to-go, reward transform, fine-tuning batches); behaviour cloning uses none
+    discount: float = 0.99  # of the returns that rank episodes for --top-fraction (10 % BC: 1.0, as CORL's bc_10)
+    normalize_reward: bool = False  # scale rewards so that the spread of episode returns is 1000
+    reward_scale: float = 1.0  # rewards become r * reward_scale + reward_bias (after normalize_reward)
+    reward_bias: float = 0.0  # added after the scale
+    mixing_ratio: float | None = None  # fine-tuning's offline share per batch (bc.py does not fine-tune)
+
     # -------- SHARED BLOCK (args) begins: the same in every algorithm script --------
     env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
     seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
@@ -72,20 +86,8 @@ class Args:
     compile: bool = False  # torch.compile the update step
     bf16: bool = False  # bfloat16 autocast of the hidden layers; output layers, losses, weights, optimizer stay float32
     online_steps: int = 0  # then fine-tune online for this many env steps, one gradient step each (docs/finetuning.md)
+    top_fraction: float = 1.0  # train on this fraction of the episodes, those of highest discounted return (x % BC)
     # -------- SHARED BLOCK (args) ends --------
-
-    # Algorithm hyperparameters (CORL's any_percent_bc.py and configs/offline/bc, the same on every D4RL domain). Its
-    # frac < 1 (10 % BC) selects episodes before the shared block computes the state statistics: docs/bc.md#10--bc
-    actor_lr: float = 3e-4  # actor learning rate (Adam)
-    hidden_dim: int = 256  # width of the actor's hidden layers
-    n_hidden: int = 2  # hidden layers of the actor
-    normalize_states: bool = True  # standardize observations with the dataset mean/std (also at evaluation)
-    # Read by the shared block (returns-to-go, reward transform, fine-tuning batches); behaviour cloning uses none
-    discount: float = 0.99  # discount factor of the returns-to-go the buffer stores (CORL's bc configs: 0.99)
-    normalize_reward: bool = False  # scale rewards so that the spread of episode returns is 1000
-    reward_scale: float = 1.0  # rewards become r * reward_scale + reward_bias (after normalize_reward)
-    reward_bias: float = 0.0  # added after the scale
-    mixing_ratio: float | None = None  # fine-tuning's offline share per batch (bc.py does not fine-tune)
 
 
 def check_args(args: Args) -> list:
@@ -227,6 +229,8 @@ class Run:
         self.buffer, self.stats = load_buffer(self.dataset, args, self.device)
         obs_dim, act_dim = self.buffer.obs.shape[1], len(self.stats["action_low"])
         print(f"{self.dataset.id}: {self.buffer.n_steps} transitions, {self.dataset.total_episodes} episodes")
+        if args.top_fraction < 1:
+            print(f"training on the {args.top_fraction:.0%} of highest return: {self.buffer.n_offline} transitions")
         self.envs = make_eval_envs(self.dataset, args.eval_episodes, obs_dim, act_dim) if args.eval_episodes else None
         self.run_dir, self.lock = make_run_dir(args)
         self.nets = {name: net.to(self.device) for name, net in make_networks(args, obs_dim, act_dim).items()}
@@ -765,6 +769,8 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
         lengths.append(T)
         t += T
     rows[1, :n] = rows[0, :n] + 1
+    kept = best_episodes(steps[:n, -3], lengths, args.discount, args.top_fraction)
+    sampled &= np.repeat(kept, lengths)
     reward_scale, reward_bias = reward_transform(np.array(returns), args)
     steps[:n, -3] = steps[:n, -3] * reward_scale + reward_bias
     # AntMaze's 0/1 goal reward: an episode that never reached it earned the failure reward at every step
@@ -773,7 +779,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     n_index = int(sampled.sum())
     index_tensor[:n_index] = torch.from_numpy(np.flatnonzero(sampled))
     offline = obs_tensor[:n_offline_rows]
-    var, mean = torch.var_mean(offline, dim=0, correction=0)
+    var, mean = torch.var_mean(offline[torch.from_numpy(np.repeat(kept, np.add(lengths, 1)))], dim=0, correction=0)
     stats = {"obs_mean": mean, "obs_std": var.sqrt() + 1e-3}
     if not args.normalize_states:
         stats = {"obs_mean": torch.zeros_like(mean), "obs_std": torch.ones_like(mean)}
@@ -784,6 +790,17 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
     return Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows), stats
+
+
+def best_episodes(rewards: np.ndarray, lengths: list, discount: float, fraction: float) -> np.ndarray:
+    """Which episodes to train on: all, or the fraction of them (at least one) of highest discounted raw return, as
+    CORL's any_percent_bc.py ranks them (it cuts trajectories at terminations and every 1000 steps; here: episodes)."""
+    kept = np.ones(len(lengths), bool)
+    if fraction < 1:
+        starts = np.cumsum(lengths) - np.asarray(lengths)
+        order = np.argsort(-returns_to_go(rewards, lengths, discount, None)[starts], kind="stable")
+        kept[order[max(1, int(fraction * len(lengths))) :]] = False
+    return kept
 
 
 def read_episodes(dataset: minari.MinariDataset):
@@ -1083,6 +1100,8 @@ def validate(args: Args) -> Args:
         problems.append("--capture-video needs evaluation episodes")
     if args.mixing_ratio is not None and not 0 <= args.mixing_ratio <= 1:
         problems.append("mixing_ratio must be in [0, 1] (or None: uniform)")
+    if not 0 < args.top_fraction <= 1:
+        problems.append("top_fraction must be in (0, 1]")
     if args.run_name is not None and (Path(args.run_name).name != args.run_name or args.run_name in ("", ".", "..")):
         problems.append("run_name must be a folder name, inside --output (no '/' or '..')")
     problems += check_args(args)

@@ -64,7 +64,8 @@ CORL_SCRIPTS = {
     "edac": ("edac.py", "--env_name {dataset} --train_seed {seed} --num_epochs {epochs}"
              " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"),
 }  # fmt: skip
-OURS = {"bc10": ("bc", ["--top-fraction", "0.1"])}  # our script and flags where it is not <algo>.py alone
+# our script and flags where it is not <algo>.py alone
+OURS = {"bc10": ("bc", ["--top-fraction", "0.1", "--discount", "1.0"])}
 IMPLS = {algo: ("ours", "corl") for algo in CORL_SCRIPTS} | {"rebrac": ("ours", "d3rlpy")}
 
 

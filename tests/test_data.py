@@ -165,6 +165,32 @@ def test_states_are_standardized_with_the_dataset_mean_and_std(pendulum):
     torch.testing.assert_close(buffer.obs, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
 
 
+def test_best_episodes_are_the_top_fraction_by_discounted_return_at_least_one():
+    rewards = np.array([1.0, 1.0, 5.0, 0.0, 0.0, 3.0, 2.0, 2.0, 2.0])  # returns 2, 5, 3, 6 (gamma 1) in 4 episodes
+    lengths = [2, 1, 3, 3]
+    for fraction, best in [(1.0, [0, 1, 2, 3]), (0.75, [1, 2, 3]), (0.5, [1, 3]), (0.25, [3]), (0.01, [3])]:
+        assert np.flatnonzero(iql.best_episodes(rewards, lengths, 1.0, fraction)).tolist() == best
+    # discounted by 0.1: 1.1, 5, 0.03, 2.22, ranked by brute force as CORL's keep_best_trajectories does
+    starts = [0, 2, 3, 6]
+    returns = [sum(r * 0.1**t for t, r in enumerate(rewards[s : s + T])) for s, T in zip(starts, lengths, strict=True)]
+    expected = sorted(np.argsort(returns)[::-1][:3])
+    assert np.flatnonzero(iql.best_episodes(rewards, lengths, 0.1, 0.75)).tolist() == expected == [0, 1, 3]
+
+
+def test_top_fraction_trains_on_the_best_episodes_with_their_own_state_statistics(pendulum):
+    dataset = minari.load_dataset(pendulum)
+    episodes = list(dataset.iterate_episodes())
+    best = int(np.argmax([ep.rewards.sum() for ep in episodes]))  # 5 episodes, 0.2 of them: the best one
+    buffer, stats = iql.load_buffer(dataset, iql.Args(top_fraction=0.2, discount=1.0), torch.device("cpu"))
+    raw = episodes[best].observations
+    torch.testing.assert_close(stats["obs_mean"], torch.tensor(raw.mean(0), dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["obs_std"], torch.tensor(raw.std(0) + 1e-3, dtype=torch.float32))
+    first = sum(len(ep.rewards) for ep in episodes[:best])
+    assert buffer.n_index == buffer.n_offline == len(episodes[best].rewards)
+    np.testing.assert_array_equal(buffer.index[: buffer.n_index].numpy(), np.arange(first, first + buffer.n_index))
+    assert set(buffer.draw(500).tolist()) <= set(range(first, first + buffer.n_index))
+
+
 def test_an_infinite_action_is_refused_not_clipped_into_range(minari_root):
     """Actions are scaled and clipped to +-(1 - 1e-5) as they are read: the finiteness check must come first."""
     env = gym.make("Pendulum-v1")
