@@ -451,7 +451,7 @@ class UserError(Exception):
 
 # -------- The run: set up, log, evaluate, checkpoint --------
 class Run:
-    """What the loop works with, from the arguments or a checkpoint; the run folder is locked while it trains."""
+    """What the loop works with; the run folder is locked while it trains."""
 
     def __init__(self, args: Args, ckpt: dict | None):
         self.device = pick_device(args.device)
@@ -582,7 +582,7 @@ class Run:
         self.window["since"] += time.time() - started
 
     def save(self, file: Path | None, state: dict, step: int) -> None:
-        """The checkpoint (file None), best.pt or summary.json, whole or not at all; a failed write stops the run."""
+        """The checkpoint (file None), best.pt or summary.json, whole or not at all; a failure stops the run."""
         try:
             if file is None:
                 common.save_checkpoint(self.run_dir, state, step, self.args.keep_checkpoints)
@@ -614,7 +614,7 @@ class Run:
 
 
 class Console(io.TextIOBase):
-    """Standard output, and a copy of it: in memory until the run folder exists, then in its console.log."""
+    """stdout, and a copy: in memory until the run folder exists, then its console.log."""
 
     def __init__(self, stdout):
         self.stdout = stdout
@@ -635,7 +635,7 @@ class Console(io.TextIOBase):
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: cuda, mps or cpu, the first available; else any torch device this machine has (cuda:1)."""
+    """auto: cuda, mps or cpu; or any torch device this machine has."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -647,7 +647,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def check_environment(dataset: minari.MinariDataset, args: Args) -> Args:
-    """A dataset recorded without an environment trains without evaluation, and cannot fine-tune online."""
+    """No environment: no evaluation, and no fine-tuning."""
     if dataset.env_spec is not None or dataset.storage.metadata.get("eval_env_spec") is not None:
         return args
     if args.online_steps:
@@ -658,8 +658,7 @@ def check_environment(dataset: minari.MinariDataset, args: Args) -> Args:
 
 
 def make_run_dir(args: Args) -> tuple:
-    """(folder, lock): <output>/<env>__<algo>__<seed>__<unix time> (or --run-name) with args.yaml, or the resumed
-    run's; locked for this process (the lock goes with the process, also when it crashes)."""
+    """(folder, lock): the new run's folder, with args.yaml, or the resumed one; locked for this process."""
     name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.resume) if args.resume else Path(args.output) / name
     try:
@@ -727,8 +726,7 @@ def summary(run: Run) -> dict:
 
 
 # -------- Data: dataset names, Minari loading --------
-# D4RL-style names "<task>-<kind>-v<version>" and the Minari ids they stand for, by domain (the keys of the settings
-# tables). A Minari id given as it is (anything with a '/') takes the domain of its namespace/task.
+# D4RL-style names and their Minari ids, by domain (the keys of the settings tables); a Minari id takes its task's.
 DATASET_NAMES = {
     # domain: (tasks, kinds, versions of the D4RL-style name, Minari id)
     "adroit": ("pen door hammer relocate", "human cloned expert", "0 1 2", "D4RL/{task}/{kind}-v2"),
@@ -744,7 +742,7 @@ DATASET_NAMES = {
 
 
 def dataset_names() -> dict:
-    """Every D4RL-style name -> (Minari id, domain), e.g. door-human-v2 -> (D4RL/door/human-v2, adroit)."""
+    """Every D4RL-style name -> (Minari id, domain)."""
     names = {}
     for domain, (tasks, kinds, versions, minari_id) in DATASET_NAMES.items():
         for task in tasks.split():
@@ -785,7 +783,7 @@ def resolve_dataset_name(name: str) -> tuple:
 
 
 def load_dataset(dataset_id: str) -> minari.MinariDataset:
-    """The local copy; else, for an id that is not local/... and that no local id nearly matches, a download."""
+    """The local copy, else a download (never for local/ ids or near misses of local ones)."""
     try:
         minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
     except ValueError:
@@ -819,15 +817,14 @@ def load_dataset(dataset_id: str) -> minari.MinariDataset:
 
 
 def local_typos(dataset_id: str) -> list:
-    """Local ids that dataset_id nearly spells (another version of the same dataset is no typo, but for local/ ids)."""
+    """Local ids that dataset_id nearly spells (for ids outside local/, not another version of it)."""
     close = difflib.get_close_matches(dataset_id, minari.list_local_datasets(), cutoff=0.9)
     versions = dataset_id.startswith("local/")
     return [c for c in close if versions or c.rsplit("-v", 1)[0] != dataset_id.rsplit("-v", 1)[0]]
 
 
 def dataset_fingerprint(dataset: minari.MinariDataset) -> dict:
-    """Episodes, steps and a digest of the first, middle and last episodes: tells a dataset re-recorded under the
-    same id from the one a checkpoint was trained on."""
+    """Episodes, steps and a digest of three episodes: tells a dataset re-recorded under the same id."""
     digest = hashlib.blake2b(digest_size=8)
     last = dataset.total_episodes - 1
     for episode in dataset.iterate_episodes(sorted({0, last // 2, last}) if last >= 0 else []):
@@ -848,7 +845,7 @@ def check_dataset(dataset: minari.MinariDataset, ckpt: dict, what: str) -> None:
 
 # -------- Data: one on-device buffer, each observation stored once --------
 def flatten(space: gym.Space, obs) -> np.ndarray:
-    """(T, ...) observations -> rows (T, D); Dict keys in order, as gymnasium's FlattenObservation."""
+    """(T, ...) observations -> (T, D), Dict keys in order, as gymnasium's FlattenObservation."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten(space[key], obs[key]) for key in space.spaces], axis=1)
     if not isinstance(space, gym.spaces.Box):
@@ -858,10 +855,8 @@ def flatten(space: gym.Space, obs) -> np.ndarray:
 
 @dataclasses.dataclass
 class Buffer:
-    """Every transition on the device. An episode's T + 1 observations are consecutive rows of `obs`; transition i
-    is s = obs[rows[0, i]], s' = obs[rows[1, i]], steps[i] = (a, r, done, return-to-go), and the episode's next
-    transition is i + 1. Batches come from index[:n_index]: the offline transitions, then each online episode's
-    once it has ended (its returns-to-go are known then)."""
+    """Every transition on the device; each observation stored once (docs/performance.md#large-datasets): s and s' are
+    rows rows[:, i] of obs, steps[i] = (a, r, done, return-to-go). Batches come from index[:n_index]."""
 
     obs: torch.Tensor  # (rows, obs_dim), standardized, with room for the online phase
     steps: torch.Tensor  # (capacity + 1, act_dim + 3): action in [-1, 1], transformed reward, done, return-to-go
@@ -877,7 +872,7 @@ class Buffer:
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
-        """Uniform over the sampleable transitions; with offline_share, that share from the offline ones."""
+        """Uniform; or offline_share of them from the offline transitions, once there are online ones."""
         draw = dict(device=self.obs.device, generator=self.generator)
         if offline_share is None or self.n_index == self.n_offline:
             return self.index[torch.randint(self.n_index, (batch_size,), **draw)]
@@ -916,8 +911,7 @@ class Buffer:
         self.n_steps += 1
 
     def end_episode(self, terminated: bool, discount: float, failure_reward: float | None) -> None:
-        """The online episode's transitions become sampleable, with their returns-to-go; a cut-off episode's last
-        transition has no next action."""
+        """The episode's transitions become sampleable, with their returns-to-go."""
         first, end = self.episode_start, self.n_steps
         rewards = self.steps[first:end, -3].cpu().numpy()
         self.steps[first:end, -1] = torch.from_numpy(returns_to_go(rewards, [end - first], discount, failure_reward))
@@ -948,8 +942,8 @@ class Buffer:
 
 
 def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device) -> tuple:
-    """(buffer, statistics): every episode read into preallocated tensors and checked, rewards transformed, actions
-    scaled to [-1, 1] and states standardized in place; room for args.online_steps more transitions."""
+    """(buffer, statistics): the episodes read and checked, rewards transformed, actions in [-1, 1], states
+    standardized; room for args.online_steps more transitions."""
     space = dataset.action_space
     if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
         raise UserError(
@@ -967,7 +961,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     n_rows = n_offline_rows + (2 * args.online_steps + 1 if args.online_steps else 0)
     numbers = n_rows * obs_dim + (capacity + 1) * (act_dim + 3) + 4 * capacity  # float32 and int64 (2 each)
     check_memory(numbers, args.batch_size * (2 * obs_dim + 2 * act_dim + 4), device)
-    # allocated by torch, filled through numpy views (numpy's huge-page allocation made the first fill 4x slower)
+    # allocated by torch, filled through numpy views (numpy's allocation made the first fill 4x slower)
     obs_tensor = torch.empty(n_rows, obs_dim)
     steps_tensor = torch.zeros(capacity + 1, act_dim + 3)
     rows_tensor = torch.zeros(2, capacity, dtype=torch.int64)
@@ -1028,8 +1022,8 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
 
 
 def best_episodes(rewards: np.ndarray, lengths: list, discount: float, fraction: float) -> np.ndarray:
-    """Which episodes to train on: all, or the fraction of them (at least one) of highest discounted raw return, as
-    CORL's any_percent_bc.py ranks them (it cuts trajectories at terminations and every 1000 steps; here: episodes)."""
+    """All episodes, or the fraction (at least one) of highest discounted raw return: CORL's any_percent_bc.py, but
+    by episode, not cut at every 1000 steps."""
     kept = np.ones(len(lengths), bool)
     if fraction < 1:
         starts = np.cumsum(lengths) - np.asarray(lengths)
@@ -1039,7 +1033,7 @@ def best_episodes(rewards: np.ndarray, lengths: list, discount: float, fraction:
 
 
 def read_episodes(dataset: minari.MinariDataset):
-    """The dataset's episodes; one that cannot be read (a missing key, a broken array) is a clear error."""
+    """The episodes; one that cannot be read is a clear error."""
     episodes = dataset.iterate_episodes()
     for k in range(dataset.total_episodes):
         try:
@@ -1052,7 +1046,7 @@ def read_episodes(dataset: minari.MinariDataset):
 
 
 def check_memory(buffer_numbers: int, batch_numbers: int, device: torch.device) -> None:
-    """The buffer and a batch (float32 numbers) must fit in the device's memory: refused before allocating."""
+    """The buffer and a batch must fit in memory: refused before anything is allocated."""
     try:
         if device.type == "cuda":
             memory = torch.cuda.mem_get_info(device)[0]
@@ -1068,8 +1062,8 @@ def check_memory(buffer_numbers: int, batch_numbers: int, device: torch.device) 
 
 
 def returns_to_go(rewards: np.ndarray, lengths: list, discount: float, failure_reward: float | None) -> np.ndarray:
-    """G_t = r_t + discount * G_(t+1) within each of the consecutive episodes of these lengths (Cal-QL's Monte-Carlo
-    bound). An episode whose every reward is the failure reward counts as endless: G = failure_reward / (1 - gamma)."""
+    """Discounted returns-to-go within each episode (Cal-QL's bound); an episode of failure rewards only counts as
+    endless: failure_reward / (1 - discount)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     ends = np.cumsum(lengths)
     to_end = np.repeat(ends, lengths) - 1 - np.arange(len(rewards))  # steps left in the episode after t
@@ -1086,8 +1080,7 @@ def returns_to_go(rewards: np.ndarray, lengths: list, discount: float, failure_r
 
 
 def reward_transform(episode_returns: np.ndarray, args: Args) -> tuple:
-    """(scale, bias) of r -> r * scale + bias; with normalize_reward the scale also holds 1000 / (max - min episode
-    return), the official IQL locomotion rule."""
+    """(scale, bias) of the rewards; normalize_reward: 1000 / (max - min episode return), IQL's locomotion rule."""
     if not args.normalize_reward:
         return args.reward_scale, args.reward_bias
     spread = episode_returns.max() - episode_returns.min()
@@ -1098,14 +1091,13 @@ def reward_transform(episode_returns: np.ndarray, args: Args) -> tuple:
 
 
 def scale_actions(actions, low, high):
-    """[low, high] -> [-1, 1], clipped to +-(1 - 1e-5) so that the log-likelihood of a boundary action stays finite."""
+    """[low, high] -> [-1, 1], clipped to 1 - 1e-5 (finite log-likelihoods at the bounds)."""
     return np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1 + 1e-5, 1 - 1e-5)
 
 
 # -------- Evaluation: vectorized envs, deterministic actions, Minari normalized score --------
 def make_eval_env(dataset: minari.MinariDataset, **kwargs) -> gym.Env:
-    """The dataset's own evaluation env (its episode limit, not gym.make's), observations flattened. The dataset names
-    the function that makes it: only the one gymnasium registered under the env's id is called (docs/trust.md)."""
+    """The dataset's evaluation env (its episode limit), flattened; made only as gymnasium registered it."""
     spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
     if spec.id not in gym.registry:
         importlib.import_module("gymnasium_robotics")  # registers Adroit, the mazes, kitchen
@@ -1130,8 +1122,7 @@ def make_eval_envs(dataset: minari.MinariDataset, n: int, obs_dim: int, act_dim:
 
 
 class Policy(nn.Module):
-    """The deterministic policy as the env sees it, what policy.py exports: a raw flat observation in, an action
-    within the env's bounds out."""
+    """The deterministic policy as the env sees it: raw flat observations in, env actions out."""
 
     def __init__(self, actor: nn.Module, stats: dict):
         super().__init__()
@@ -1153,9 +1144,8 @@ def numpy_policy(policy: nn.Module, device: torch.device):
 
 
 def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
-    """One episode per sub-env, in lockstep, one batched policy call per step. Gymnasium resets a finished sub-env,
-    so only each one's first episode counts. Returns, lengths and success (reported at any step; None if the env
-    never reports it)."""
+    """One episode per sub-env, all in lockstep (a finished sub-env's later episodes do not count): returns,
+    lengths, success (None if the env never reports it)."""
     obs, _ = envs.reset(seed=seeds)
     returns = np.zeros(envs.num_envs)
     lengths = np.zeros(envs.num_envs, np.int64)
@@ -1173,7 +1163,7 @@ def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
 
 
 def normalized_scores(dataset: minari.MinariDataset, returns: np.ndarray) -> np.ndarray | None:
-    """100 * (return - random) / (expert - random), from the dataset's reference scores; None if it has none."""
+    """Normalized scores (D4RL's, x 100); None without reference scores."""
     if dataset.storage.metadata.get("ref_min_score") is None:
         return None
     return np.asarray(minari.get_normalized_score(dataset, returns)) * 100
@@ -1185,7 +1175,7 @@ def evaluation_seeds(seed: int, step: int, episodes: int) -> list:
 
 
 def record_video(dataset, policy, seed: int, file: Path) -> str | None:
-    """One deterministic episode as a GIF; returns why not if the env cannot render."""
+    """One episode as a GIF; or why not."""
     try:
         env = make_eval_env(dataset, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
@@ -1205,9 +1195,7 @@ def record_video(dataset, policy, seed: int, file: Path) -> str | None:
 
 # -------- Online fine-tuning --------
 class OnlinePhase:
-    """A training env built like the evaluation env, each episode seeded from --seed and its number; one step per
-    step of the loop with explore(). A resumed run closes the episode in progress as cut off (an env's state cannot
-    be saved in general) and starts a new one."""
+    """Online steps with explore() in an env built like the evaluation env; a resumed run starts a new episode."""
 
     def __init__(self, dataset, buffer: Buffer, stats: dict, args: Args, device: torch.device, state: dict | None):
         self.env = make_eval_env(dataset)
@@ -1253,7 +1241,7 @@ class OnlinePhase:
         return ended
 
     def summary(self) -> dict:
-        """Episodes so far, their success rate and the cumulative regret, 1 - the success rate (as CORL)."""
+        """Episodes, success rate and the cumulative regret, 1 - success rate (CORL's)."""
         successes = [e["success"] for e in self.episodes if e["success"] is not None]
         rate = float(np.mean(successes)) if successes else None
         return {
@@ -1269,8 +1257,7 @@ class OnlinePhase:
 
 # -------- TRY NOT TO MODIFY: configuration and resume --------
 def parse_args(argv: list) -> tuple:
-    """(args, checkpoint): Args defaults < the settings tables for --env < --config YAML < flags, validated; with
-    --resume, the arguments of the checkpoint's run."""
+    """(args, checkpoint): Args defaults < settings tables < --config < flags; or a resumed run's."""
     args = tyro.cli(Args, args=argv, description=__doc__)
     if args.resume:
         return resume_args(argv, args.resume)
@@ -1283,8 +1270,7 @@ def parse_args(argv: list) -> tuple:
 
 
 def tuned_settings(name: str, online: bool) -> dict:
-    """The dataset's domain row of DOMAIN_SETTINGS, its own row of DATASET_SETTINGS, then for a run that fine-tunes
-    online, FINETUNE_SETTINGS' "all" row and its domain's row."""
+    """The rows of the settings tables for a dataset (FINETUNE_SETTINGS for a run that fine-tunes)."""
     minari_id, domain = resolve_dataset_name(name)
     settings = {**DOMAIN_SETTINGS.get(domain, {}), **DATASET_SETTINGS.get(minari_id, {})}
     if online:
@@ -1294,7 +1280,7 @@ def tuned_settings(name: str, online: bool) -> dict:
 
 
 def as_flags(settings: dict) -> list:
-    """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"]: tyro checks them like flags."""
+    """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"], checked by tyro like flags."""
     flags = []
     for key, value in settings.items():
         name = str(key).replace("_", "-")
@@ -1346,8 +1332,7 @@ def validate(args: Args) -> Args:
 
 
 def resume_args(argv: list, path: str) -> tuple:
-    """(the run's arguments, its checkpoint) from a run folder (its checkpoints/last.pt) or one of its checkpoint
-    files. Only --device may change, and a larger --total-steps (--online-steps in a fine-tuning run) extends it."""
+    """(args, checkpoint) of a run to resume: only --device may change, and --total-steps (--online-steps) grow."""
     file = Path(path) / "checkpoints" / "last.pt" if Path(path).is_dir() else Path(path)
     if file.parent.name != "checkpoints" or file.name == "best.pt":
         raise UserError(f"--resume {path}: give a run folder, or a last.pt or step_<N>.pt in its checkpoints/ folder")
@@ -1376,8 +1361,7 @@ def resume_args(argv: list, path: str) -> tuple:
 
 
 def read_checkpoint(file: Path) -> dict:
-    """A checkpoint of this script, read weights-only: it holds tensors, numbers, strings, lists and dicts, so one
-    from someone else cannot run code. A damaged last.pt names the newest readable step_<N>.pt."""
+    """This script's checkpoint, weights-only (it cannot run code); a damaged one names the newest readable."""
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
         if ckpt["algo"] != ALGO:
