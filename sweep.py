@@ -97,8 +97,8 @@ def read_grid(file: str) -> dict:
     extra = grid.get("flags", {}) if isinstance(grid, dict) else None
     if not isinstance(extra, dict) or set(extra) - {"all", *ALGOS}:
         raise UserError(
-            f"the grid file {file} must be a mapping of sweep.py's flags, its `flags:` a mapping of all/iql/cql/"
-            "td3_bc/rebrac to extra flags of the scripts (see configs/grids/)"
+            f"the grid file {file} must be a mapping of sweep.py's flags, its `flags:` a mapping of "
+            f"{'/'.join(('all', *ALGOS))} to extra flags of the scripts (see configs/grids/)"
         )
 
     def plain(value) -> bool:  # a string, number or boolean, or a list of them

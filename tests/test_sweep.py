@@ -308,8 +308,8 @@ def test_bad_grids_are_a_clear_error(grid, flags, phrase, pendulum, tmp_path):
         (b"flags: {iql: null}\n", "flags: iql takes the scripts' flags as a string"),
         (b"flags: {all: [{hidden_dim: 32}]}\n", "flags: all takes the scripts' flags as a string"),
         (b'flags: {all: "--run-name \'unclosed"}\n', "flags: all cannot be split into flags (No closing quotation)"),
-        (b"flags: [--hidden-dim, 32]\n", "its `flags:` a mapping of all/iql/cql/td3_bc/rebrac"),
-        (b"flags: {bc: --x}\n", "its `flags:` a mapping of all/iql/cql/td3_bc/rebrac"),
+        (b"flags: [--hidden-dim, 32]\n", f"its `flags:` a mapping of {'/'.join(('all', *sweep.ALGOS))}"),
+        (b"flags: {dqn: --x}\n", f"its `flags:` a mapping of {'/'.join(('all', *sweep.ALGOS))}"),
         (b"- iql\n- cql\n", "must be a mapping of sweep.py's flags"),
         (b"seeds: {first: 1}\n", "seeds takes a value or a list of values, not {'first': 1}"),
         (b"envs: [[a, b]]\n", "envs takes a value or a list of values"),
@@ -318,7 +318,7 @@ def test_bad_grids_are_a_clear_error(grid, flags, phrase, pendulum, tmp_path):
         (b"seeds: !!python/object/apply:os.system [echo]\n", "cannot read the grid file"),
         (b"total_steps: many\n", "its keys are sweep.py's flags"),
     ],
-    ids=["latin-1", "flags-5", "flags-null", "flags-dict", "unclosed-quote", "flags-list", "flags-bc", "a-list"]
+    ids=["latin-1", "flags-5", "flags-null", "flags-dict", "unclosed-quote", "flags-list", "flags-dqn", "a-list"]
     + ["dict-value", "nested-list", "date", "yaml-syntax", "python-tag", "wrong-type"],
 )
 def test_a_malformed_grid_file_is_one_paragraph_naming_it(content, phrase, tmp_path, capsys):
