@@ -180,9 +180,15 @@ def algo(request):
     return request.param
 
 
+# No fine-tuning recipe in CORL (no algorithms/finetune/<algo>.py): these scripts refuse --online-steps
+OFFLINE_ONLY = ["sac_n.py", "edac.py"]
+
+
 def small(algo: str) -> list:
-    """Small networks (and, for CQL, few sampled actions): for tests of the plumbing, not of learning."""
-    return ["--hidden-dim", "32"] + (["--cql-n-actions", "2"] if algo == "cql.py" else [])
+    """Small networks (and few sampled actions for CQL, few critics for SAC-N and EDAC): for tests of the plumbing, not
+    of learning."""
+    few = {"cql.py": ["--cql-n-actions", "2"], "sac_n.py": ["--num-critics", "4"], "edac.py": ["--num-critics", "4"]}
+    return ["--hidden-dim", "32", *few.get(algo, [])]
 
 
 def run_dir_of(output: Path) -> Path:
