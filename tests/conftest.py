@@ -180,10 +180,6 @@ def algo(request):
     return request.param
 
 
-# No fine-tuning recipe in CORL (no algorithms/finetune/<algo>.py): these scripts refuse --online-steps
-OFFLINE_ONLY = ["sac_n.py", "edac.py"]
-
-
 def small(algo: str) -> list:
     """Small networks (and few sampled actions for CQL, few critics for SAC-N and EDAC): for tests of the plumbing, not
     of learning."""

@@ -1,7 +1,8 @@
 """SAC-N's losses against hand-computed values; the update step (temperature, actor, critics, Polyak) against CORL's
 SACN.update written out with N separate critic modules, a plain Python loop over critics; the ensemble as one batched
 module with CORL's init; the settings tables against CORL's configs; compiled and bf16 variants; the refusal of
-out-of-range values and of fine-tuning. test_edac.py reuses the reference step, the builder and the settings check."""
+out-of-range values and of fine-tuning (on the command line for edac.py too). test_edac.py reuses the reference step,
+the builder and the settings check."""
 
 import copy
 import math
@@ -14,8 +15,10 @@ from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
     assert_same_networks,
+    assert_user_error,
     compiled_and_eager_updates,
     fixed_batch,
+    run_script,
 )
 from torch.distributions import Normal
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -340,3 +343,10 @@ def test_out_of_range_values_and_fine_tuning_are_refused(flags, message):
         sac_n.validate(sac_n.Args(**flags))
     assert message in str(error.value)
     sac_n.validate(sac_n.Args(num_critics=1))  # SAC with one critic: allowed
+
+
+@pytest.mark.parametrize("script", ["sac_n.py", "edac.py"])
+def test_fine_tuning_is_refused_on_the_command_line_with_the_reason(script, pendulum):
+    """CORL has no fine-tuning recipe for SAC-N or EDAC: exit 2 before any data is read."""
+    result = run_script(script, "--env", pendulum, "--online-steps", "10")
+    assert_user_error(result, "trains offline only", "no algorithms/finetune/", "--online-steps")
