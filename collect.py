@@ -47,7 +47,8 @@ with contextlib.redirect_stderr(io.StringIO()):  # registers PointMaze, AntMaze,
     gym.register_envs(gymnasium_robotics)
 
 ALGO = "collect-sac"  # the "algo" of the teacher.pt checkpoints this script writes
-ACTOR_ALGOS = ("iql", "cql", "td3_bc", "rebrac", ALGO)  # checkpoints whose actor --policy checkpoint can run
+# checkpoints whose actor --policy checkpoint can run
+ACTOR_ALGOS = ("iql", "cql", "td3_bc", "rebrac", "sac_n", "edac", ALGO)
 TRAINING_STATE = "teacher_training.pt"  # what --resume reads; its algo is ALGO + "-training"
 
 

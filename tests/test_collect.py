@@ -306,8 +306,13 @@ def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env, minari_id: st
 
 @pytest.mark.parametrize(
     "algo, actor_args",
-    [("iql", (3, 1, 32, 2, 0.0, False)), ("iql", (3, 1, 32, 3, 0.1, True)), ("cql", (3, 1, 32, 2))],
-    ids=["iql-gaussian", "iql-deterministic-dropout", "cql-fused-head-and-log-std-scalars"],
+    [
+        ("iql", (3, 1, 32, 2, 0.0, False)),
+        ("iql", (3, 1, 32, 3, 0.1, True)),
+        ("cql", (3, 1, 32, 2)),
+        ("sac_n", (3, 1, 32, 3)),
+    ],
+    ids=["iql-gaussian", "iql-deterministic-dropout", "cql-fused-head-and-log-std-scalars", "sac_n-fused-head"],
 )
 def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, actor_args):
     """The script's deterministic action tanh(mu((s - mean) / std)), mapped from [-1, 1] to [low, high]."""

@@ -17,14 +17,16 @@ import pytest
 from conftest import ROOT, run_script
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py")
+ALGORITHMS = ("iql.py", "cql.py", "td3_bc.py", "rebrac.py", "sac_n.py", "edac.py")
 TOOLS = ("collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
-TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "tools/shared_block.py")
+TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "benchmarks/ensemble.py", "tools/shared_block.py")
 PAGE_SCRIPT = {
     "iql.md": "iql.py",
     "cql.md": "cql.py",
     "td3_bc.md": "td3_bc.py",
     "rebrac.md": "rebrac.py",
+    "sac_n.md": "sac_n.py",
+    "edac.md": "edac.py",
     "collect.md": "collect.py",
     "sweeps.md": "sweep.py",
 }
