@@ -1,19 +1,26 @@
-"""Our TD3+BC and ReBRAC against reference implementations: the same Minari data, seeds, budget and evaluations.
+"""Our scripts against reference implementations: the same Minari data, seeds, budget and evaluations.
 
     python benchmarks/compare.py --datasets local/hopper/sac-noisy-v0 --corl ~/CORL --steps 20000
+    python benchmarks/compare.py --algos bc bc10 awac --datasets local/hopper/sac-noisy-v0 --corl ~/CORL --steps 10000
     PYTHONPATH=/path/to/d3rlpy-site python benchmarks/compare.py --algos rebrac --datasets local/hopper/sac-noisy-v0
+
+Algorithms (`--algos`): td3_bc, bc (plain behaviour cloning), bc10 (10 % BC: bc.py --top-fraction 0.1 against
+CORL's any_percent_bc.py with its bc_10 configs), awac, sac_n, edac: ours against CORL's script (CORL below); rebrac:
+ours against d3rlpy's.
 
 Implementations (`--impls`):
 
-    ours     td3_bc.py / rebrac.py run as a user runs them; rebrac.py with --batch-size (default 1024, CORL's
-             locomotion batch: a local dataset is domain "other" and would get the Args default of 256)
-    corl     TD3+BC only: CORL's algorithms/offline/td3_bc.py (--corl: a checkout, a bare clone or the file), run
-             unmodified with its defaults (= its locomotion configs) through shim modules written to a temporary
-             folder at run time: d4rl.qlearning_dataset from the Minari episodes (every transition, s' the episode's
-             next observation), gym.make returning the dataset's evaluation env with the old API (reset -> obs,
-             step -> 4-tuple, env.seed, get_normalized_score from the dataset's reference scores), pyrallis parsing
-             --key value into CORL's TrainConfig, and wandb a logger that records the d4rl normalized scores and
-             the time between logs (its steps/s: training steps over training seconds, evaluations excluded)
+    ours     the algorithm's script run as a user runs it (bc10: bc.py --top-fraction 0.1); rebrac.py with
+             --batch-size (default 1024, CORL's locomotion batch: a local dataset is domain "other" and would get the
+             Args default of 256)
+    corl     CORL's algorithms/offline/<script> (--corl: a checkout or a bare clone; for td3_bc also the file itself),
+             run unmodified with its defaults (= its locomotion configs) but for the settings in CORL_SCRIPTS below,
+             through shim modules written to a temporary folder at run time: d4rl.qlearning_dataset from the Minari
+             episodes (every transition, s' the episode's next observation), gym.make returning the dataset's
+             evaluation env with the old API (reset -> obs, step -> 4-tuple, env.seed, get_normalized_score from the
+             dataset's reference scores), pyrallis parsing --key value into CORL's TrainConfig, and wandb a logger that
+             records the normalized scores and the training time (an evaluation starts when CORL's eval_actor seeds
+             the env, and ends when its score is logged; steps/s: training steps over training seconds)
     d3rlpy   ReBRAC only: d3rlpy's ReBRAC (when `import d3rlpy` works), trained with its own fit() on an MDPDataset
              built from the Minari episodes, configured like CORL's locomotion ReBRAC (3 x 256 actor and critics,
              LayerNorm in the critics, batch --rebrac-batch-size, lr 1e-3, beta1 --beta1, beta2 --beta2); evaluated
@@ -40,7 +47,25 @@ from pathlib import Path
 import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
-IMPLS = {"td3_bc": ("ours", "corl"), "rebrac": ("ours", "d3rlpy")}
+# CORL's script for each algorithm and its command line: our run's settings under the names of its TrainConfig (CORL's
+# scripts name them differently), plus what makes it the variant compared. SAC-N and EDAC train in epochs and
+# evaluate after every eval_every-th epoch: an epoch of --eval-every updates, evaluated after each.
+CORL_SCRIPTS = {
+    "td3_bc": ("td3_bc.py", "--env {dataset} --seed {seed} --max_timesteps {steps} --eval_freq {eval_every}"
+               " --n_episodes {episodes}"),
+    "bc": ("any_percent_bc.py", "--env {dataset} --seed {seed} --max_timesteps {steps} --eval_freq {eval_every}"
+           " --n_episodes {episodes} --frac 1.0"),  # configs/offline/bc
+    "bc10": ("any_percent_bc.py", "--env {dataset} --seed {seed} --max_timesteps {steps} --eval_freq {eval_every}"
+             " --n_episodes {episodes} --frac 0.1 --discount 1.0"),  # configs/offline/bc_10: undiscounted returns
+    "awac": ("awac.py", "--env_name {dataset} --seed {seed} --num_train_ops {steps} --eval_frequency {eval_every}"
+             " --n_test_episodes {episodes} --awac_lambda 0.3333"),  # its locomotion configs' lambda (default: 1.0)
+    "sac_n": ("sac_n.py", "--env_name {dataset} --train_seed {seed} --num_epochs {epochs}"
+              " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"),
+    "edac": ("edac.py", "--env_name {dataset} --train_seed {seed} --num_epochs {epochs}"
+             " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"),
+}  # fmt: skip
+OURS = {"bc10": ("bc", ["--top-fraction", "0.1"])}  # our script and flags where it is not <algo>.py alone
+IMPLS = {algo: ("ours", "corl") for algo in CORL_SCRIPTS} | {"rebrac": ("ours", "d3rlpy")}
 
 
 @dataclass
@@ -48,7 +73,7 @@ class Args:
     datasets: tuple[str, ...] = ("local/hopper/sac-noisy-v0",)
     """Minari ids (in $MINARI_DATASETS_PATH) with an evaluation env and reference scores"""
     algos: tuple[str, ...] = ("td3_bc", "rebrac")
-    """td3_bc (ours against CORL) and/or rebrac (ours against d3rlpy)"""
+    """td3_bc, bc, bc10, awac, sac_n, edac (ours against CORL) and/or rebrac (ours against d3rlpy)"""
     impls: tuple[str, ...] = ("ours", "corl", "d3rlpy")
     """which implementations to run (a reference that is not available is skipped with a message)"""
     seeds: tuple[int, ...] = (0, 1, 2, 3)
@@ -60,7 +85,7 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation"""
     corl: str | None = None
-    """CORL: a checkout or a bare clone (algorithms/offline/td3_bc.py is read from it), or the script itself"""
+    """CORL: a checkout or a bare clone (algorithms/offline/<script> is read from it), or td3_bc.py itself"""
     rebrac_batch_size: int = 1024
     """ReBRAC's batch, ours and d3rlpy's (CORL's locomotion configs: 1024)"""
     beta1: float = 0.05
@@ -73,9 +98,10 @@ class Args:
     """folder of the runs' results"""
 
 
-# ---- the shims CORL's td3_bc.py imports (written to a temporary folder; none of CORL's code) --------------------
+# ---- the shims CORL's scripts import (written to a temporary folder; none of CORL's code) ----------------------
 SHIM_GYM = '''"""gym, as CORL's scripts use it, over Gymnasium and a Minari dataset's evaluation env (old API)."""
 import minari
+import wandb
 
 
 class Env:
@@ -87,6 +113,7 @@ class Env:
 
     def seed(self, seed=None):
         self._seed = seed  # the next reset is seeded, later ones continue its random stream (old gym)
+        wandb.evaluation_starts()  # CORL's eval_actor seeds the env first
         return [seed]
 
     def reset(self, **kwargs):
@@ -220,10 +247,12 @@ def dump(config, stream):
         stream.write(f"{key}: {value}\\n")
 '''
 
-SHIM_WANDB = '''"""wandb as a recorder: every evaluation's d4rl normalized score, and the training time."""
+SHIM_WANDB = '''"""wandb as a recorder: every evaluation's normalized score, and the training time before it."""
 import json
 import os
 import time
+
+SCORES = ("d4rl_normalized_score", "eval/normalized_score_mean", "eval/d4rl_normalized_score")  # CORL's names
 
 
 class _Run:
@@ -233,33 +262,41 @@ class _Run:
 
 run = _Run()
 _state = {"evals": [], "train_seconds": 0.0, "steps": 0}
-_clock = {}
-
-
-def _write():
-    with open(os.environ["COMPARE_RESULT"], "w") as f:
-        json.dump(_state, f)
+_clock = {"phase": "setup"}  # setup, starting (after init), training, evaluating
 
 
 def init(*args, **kwargs):
-    _clock["window"] = time.perf_counter()  # the training loop starts right after
-    _clock["last"] = _clock["window"]
+    _clock.update(phase="starting", train=0.0)
+
+
+def evaluation_starts():
+    """The gym shim's env.seed(), which CORL's eval_actor calls first: a training window ends."""
+    now = time.perf_counter()
+    if _clock["phase"] == "training":
+        _clock["train"] = now - _clock["start"]
+        _state["train_seconds"] += _clock["train"]
+        _clock["phase"], _clock["eval_start"] = "evaluating", now
 
 
 def log(values, step=None):
+    """A score ends an evaluation (the k-th is at step k * $COMPARE_EVAL_EVERY: CORL's scripts log steps from 0, from
+    1 or not at all) and starts a training window; so does the first log after init (the first step is done)."""
     now = time.perf_counter()
-    if "d4rl_normalized_score" in values:  # after an evaluation: what passed since the last log was evaluating
-        train = _clock["last"] - _clock["window"]  # from the end of the previous evaluation to the last step's log
-        _state["train_seconds"] += train
-        score = float(values["d4rl_normalized_score"])
-        _state["evals"].append({"step": step, "normalized_score": score, "seconds": now - _clock["last"],
-                                "train_seconds": train})
-        _clock["window"] = now
-        _clock["last"] = now
-        _state["steps"] = step
-        _write()
-    else:
-        _clock["last"] = now
+    score = next((values[k] for k in SCORES if k in values), None)
+    if score is not None:
+        if _clock["phase"] == "training":  # the script evaluated without seeding the env
+            evaluation_starts()
+        _state["steps"] = (len(_state["evals"]) + 1) * int(os.environ.get("COMPARE_EVAL_EVERY", "1"))
+        _state["evals"].append({"step": _state["steps"], "normalized_score": float(score),
+                                "seconds": now - _clock.get("eval_start", now), "train_seconds": _clock["train"]})
+        with open(os.environ["COMPARE_RESULT"], "w") as f:
+            json.dump(_state, f)
+    if score is not None or _clock["phase"] == "starting":
+        _clock["phase"], _clock["start"] = "training", now
+
+
+def finish():
+    pass
 '''
 
 SHIMS = {
@@ -278,10 +315,11 @@ def write_shims(folder: Path) -> Path:
     return folder
 
 
-def corl_script(path: str, folder: Path) -> Path:
-    """CORL's td3_bc.py from a file, a checkout or a bare clone (git show HEAD:...), copied into folder."""
-    source, relative = Path(path).expanduser(), "algorithms/offline/td3_bc.py"
-    if source.is_file():
+def corl_script(path: str, folder: Path, script: str = "td3_bc.py") -> Path:
+    """CORL's algorithms/offline/<script> from a checkout or a bare clone (git show HEAD:...), or td3_bc.py from the
+    file itself, copied into folder as corl_<script>."""
+    source, relative = Path(path).expanduser(), f"algorithms/offline/{script}"
+    if source.is_file() and script == "td3_bc.py":
         text = source.read_text()
     elif (source / relative).is_file():
         text = (source / relative).read_text()
@@ -290,8 +328,8 @@ def corl_script(path: str, folder: Path) -> Path:
         if shown.returncode != 0:
             raise SystemExit(f"--corl {path}: no {relative} there (a CORL checkout, bare clone or the file)")
         text = shown.stdout
-    (folder / "corl_td3_bc.py").write_text(text)
-    return folder / "corl_td3_bc.py"
+    (folder / f"corl_{script}").write_text(text)
+    return folder / f"corl_{script}"
 
 
 # ---- d3rlpy's ReBRAC: a worker process ---------------------------------------------------------------------
@@ -382,18 +420,21 @@ def d3rlpy_worker(spec: dict) -> None:
 def command(args: Args, algo: str, impl: str, dataset: str, seed: int, result: Path, shims: Path | None) -> list:
     """The run's command line; result: its .json (ours: the run folder is beside it, the others write a partial
     record next to it as they go)."""
-    common = ["--seed", str(seed)]
     if impl == "ours":
         run_dir = result.with_suffix("")
-        cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--env", dataset, *common, "--total-steps", str(args.steps)]
-        cmd += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes), "--device", "cpu"]
+        script, flags = OURS.get(algo, (algo, []))
+        cmd = [sys.executable, str(ROOT / f"{script}.py"), "--env", dataset, "--seed", str(seed), *flags]
+        cmd += ["--total-steps", str(args.steps), "--eval-every", str(args.eval_every)]
+        cmd += ["--eval-episodes", str(args.eval_episodes), "--device", "cpu"]
         cmd += ["--checkpoint-every", str(args.steps), "--output", str(run_dir.parent), "--run-name", run_dir.name]
         if algo == "rebrac":
             cmd += ["--batch-size", str(args.rebrac_batch_size), "--beta1", str(args.beta1), "--beta2", str(args.beta2)]
         return cmd
     if impl == "corl":
-        cmd = [sys.executable, str(shims / "corl_td3_bc.py"), "--env", dataset, *common, "--device", "cpu"]
-        return cmd + ["--max_timesteps", str(args.steps), "--eval_freq", str(args.eval_every), "--n_episodes", "10"]
+        script, flags = CORL_SCRIPTS[algo]
+        values = dict(dataset=dataset, seed=seed, steps=args.steps, eval_every=args.eval_every)
+        values.update(episodes=args.eval_episodes, epochs=args.steps // args.eval_every)
+        return [sys.executable, str(shims / f"corl_{script}"), *flags.format(**values).split(), "--device", "cpu"]
     spec = {"dataset": dataset, "seed": seed, "steps": args.steps, "eval_every": args.eval_every}
     spec.update(eval_episodes=args.eval_episodes, batch_size=args.rebrac_batch_size, beta1=args.beta1)
     spec.update(beta2=args.beta2, threads=args.threads, result=str(result.with_suffix(".partial.json")))
@@ -408,7 +449,7 @@ def run(args: Args, algo: str, impl: str, dataset: str, seed: int, shims: Path |
     partial = result.with_suffix(".partial.json")
     cmd = command(args, algo, impl, dataset, seed, result, shims)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "COMPARE_THREADS": str(args.threads)}
-    env.update(COMPARE_RESULT=str(partial), PYTHONWARNINGS="ignore")
+    env.update(COMPARE_RESULT=str(partial), COMPARE_EVAL_EVERY=str(args.eval_every), PYTHONWARNINGS="ignore")
     if impl == "corl":
         env["PYTHONPATH"] = os.pathsep.join([str(shims), env.get("PYTHONPATH", "")])
     print(f"{algo} {impl} {dataset} seed {seed}: {' '.join(cmd[:2])} ...", flush=True)
@@ -462,7 +503,7 @@ def tables(args: Args) -> None:
 def available(impl: str, args: Args) -> str | None:
     """Why an implementation cannot run here (None: it can)."""
     if impl == "corl" and args.corl is None:
-        return "CORL's td3_bc.py needs --corl PATH"
+        return "CORL's scripts need --corl PATH"
     if impl == "d3rlpy":
         import importlib.util
 
@@ -474,9 +515,10 @@ def available(impl: str, args: Args) -> str | None:
 def main(args: Args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shims = None
-        if args.corl is not None and "td3_bc" in args.algos and "corl" in args.impls:
+        if args.corl is not None and "corl" in args.impls:
             shims = write_shims(Path(tmp))
-            corl_script(args.corl, shims)
+            for script in {CORL_SCRIPTS[algo][0] for algo in args.algos if algo in CORL_SCRIPTS}:
+                corl_script(args.corl, shims, script)
         for algo in args.algos:
             impls = [impl for impl in IMPLS[algo] if impl in args.impls]
             for impl in impls:

@@ -1,12 +1,15 @@
 """The benchmarks' own code: the straightforward TD3+BC and ReBRAC baselines of benchmarks/throughput.py train (the
 losses they log are finite, the actor steps every second step), and the shim modules benchmarks/compare.py writes for
-CORL's scripts (gym, d4rl, pyrallis, wandb) give what CORL's td3_bc.py reads: every transition of the Minari dataset
-with s' the episode's next observation, the old gym API, the dataset's normalized score and a logged evaluation."""
+CORL's scripts (gym, d4rl, pyrallis, wandb) give what CORL's scripts read: every transition of the Minari dataset
+with s' the episode's next observation, the old gym API, the dataset's normalized score and a logged evaluation, timed
+apart from training; the command lines name fields of each CORL script's TrainConfig."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import minari
 import numpy as np
@@ -99,3 +102,61 @@ def test_the_corl_shims_give_the_minari_data_and_the_old_api(pendulum, tmp_path)
     (evaluation,) = result["evals"]
     expected = 100 * (-675.0 - (-1200.0)) / (-150.0 - (-1200.0))  # the dataset's reference scores
     assert evaluation["step"] == 1 and evaluation["normalized_score"] == pytest.approx(expected)
+
+
+def test_the_wandb_shim_times_training_apart_from_evaluations_and_steps_them_by_eval_every(tmp_path, monkeypatch):
+    """AWAC's pattern (a raw score logged before the normalized one) and SAC-N's score name; evaluations begin when
+    CORL's eval_actor seeds the env (the gym shim calls evaluation_starts)."""
+    shims = compare.write_shims(tmp_path / "shims")
+    spec = importlib.util.spec_from_file_location("wandb_shim", shims / "wandb" / "__init__.py")
+    wandb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wandb)
+    now = iter(range(100))
+    monkeypatch.setattr(wandb, "time", types.SimpleNamespace(perf_counter=lambda: float(next(now))))
+    monkeypatch.setenv("COMPARE_RESULT", str(tmp_path / "result.json"))
+    monkeypatch.setenv("COMPARE_EVAL_EVERY", "1000")
+    wandb.evaluation_starts()  # t = 0: CORL's set_seed(seed, env) before wandb.init: not an evaluation
+    wandb.init()
+    wandb.log({"critic_loss": 1.0}, step=0)  # 1: the first step is done, training time starts
+    wandb.log({"critic_loss": 1.0}, step=1)  # 2
+    wandb.evaluation_starts()  # 3: 2 s of training
+    wandb.log({"eval_score": 100.0}, step=999)  # 4: still evaluating
+    wandb.log({"d4rl_normalized_score": 50.0}, step=999)  # 5: 2 s of evaluation
+    wandb.log({"critic_loss": 1.0}, step=1000)  # 6
+    wandb.evaluation_starts()  # 7: 2 s of training (from the score)
+    wandb.log({"eval/normalized_score_mean": 60.0, "epoch": 1})  # 8: 1 s of evaluation
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert [(e["step"], e["normalized_score"]) for e in result["evals"]] == [(1000, 50.0), (2000, 60.0)]
+    assert [(e["train_seconds"], e["seconds"]) for e in result["evals"]] == [(2.0, 2.0), (2.0, 1.0)]
+    assert result["train_seconds"] == 4.0 and result["steps"] == 2000
+
+
+CORL_FIELDS = {  # the TrainConfig fields of CORL's algorithms/offline/<script>, as of its commit eeeeef2
+    "td3_bc.py": "project group name env alpha discount expl_noise tau policy_noise noise_clip policy_freq"
+    " max_timesteps buffer_size batch_size normalize normalize_reward eval_freq n_episodes checkpoints_path load_model"
+    " seed device",
+    "any_percent_bc.py": "project group name env max_timesteps batch_size buffer_size frac max_traj_len normalize"
+    " discount eval_freq n_episodes checkpoints_path load_model seed device",
+    "awac.py": "project group name env_name hidden_dim learning_rate gamma tau awac_lambda num_train_ops batch_size"
+    " buffer_size normalize_reward eval_frequency n_test_episodes checkpoints_path deterministic_torch seed test_seed"
+    " device",
+    "sac_n.py": "project group name hidden_dim num_critics gamma tau actor_learning_rate critic_learning_rate"
+    " alpha_learning_rate max_action buffer_size env_name batch_size num_epochs num_updates_on_epoch normalize_reward"
+    " eval_episodes eval_every checkpoints_path deterministic_torch train_seed eval_seed log_every device",
+}
+CORL_FIELDS["edac.py"] = CORL_FIELDS["sac_n.py"] + " eta"
+
+
+@pytest.mark.parametrize("algo", sorted(compare.CORL_SCRIPTS))
+def test_corl_command_lines_set_fields_of_the_scripts_train_config_with_the_runs_budget(algo, tmp_path):
+    args = compare.Args(steps=3000, eval_every=1000, eval_episodes=5)
+    cmd = compare.command(args, algo, "corl", "local/x/y-v0", 2, tmp_path / "seed2.json", tmp_path)
+    script = compare.CORL_SCRIPTS[algo][0]
+    assert cmd[1] == str(tmp_path / f"corl_{script}")
+    flags = dict(zip(cmd[2::2], cmd[3::2], strict=True))
+    assert {f[2:] for f in flags} <= set(CORL_FIELDS[script].split())
+    assert "local/x/y-v0" in flags.values() and flags["--device"] == "cpu"
+    if script in ("sac_n.py", "edac.py"):  # epochs of --eval-every updates, evaluated after each
+        assert (flags["--num_epochs"], flags["--num_updates_on_epoch"], flags["--eval_every"]) == ("3", "1000", "1")
+    else:
+        assert "3000" in flags.values() and "1000" in flags.values() and "5" in flags.values()
