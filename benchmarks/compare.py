@@ -60,9 +60,11 @@ CORL_SCRIPTS = {
     "awac": ("awac.py", "--env_name {dataset} --seed {seed} --num_train_ops {steps} --eval_frequency {eval_every}"
              " --n_test_episodes {episodes} --awac_lambda 0.3333"),  # its locomotion configs' lambda (default: 1.0)
     "sac_n": ("sac_n.py", "--env_name {dataset} --train_seed {seed} --num_epochs {epochs}"
-              " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"),
+              " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"
+              " --num_critics {num_critics} --hidden_dim {hidden_dim}"),
     "edac": ("edac.py", "--env_name {dataset} --train_seed {seed} --num_epochs {epochs}"
-             " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"),
+             " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"
+             " --num_critics {num_critics} --hidden_dim {hidden_dim}"),
 }  # fmt: skip
 # our script and flags where it is not <algo>.py alone
 OURS = {"bc10": ("bc", ["--top-fraction", "0.1", "--discount", "1.0"])}
@@ -87,6 +89,10 @@ class Args:
     """episodes per evaluation"""
     corl: str | None = None
     """CORL: a checkout or a bare clone (algorithms/offline/<script> is read from it), or td3_bc.py itself"""
+    num_critics: int = 10
+    """SAC-N's and EDAC's ensemble size N, ours and CORL's (CORL's default; its configs: 10-500)"""
+    hidden_dim: int = 256
+    """SAC-N's and EDAC's network width, ours and CORL's (CORL: 256)"""
     rebrac_batch_size: int = 1024
     """ReBRAC's batch, ours and d3rlpy's (CORL's locomotion configs: 1024)"""
     beta1: float = 0.05
@@ -430,11 +436,14 @@ def command(args: Args, algo: str, impl: str, dataset: str, seed: int, result: P
         cmd += ["--checkpoint-every", str(args.steps), "--output", str(run_dir.parent), "--run-name", run_dir.name]
         if algo == "rebrac":
             cmd += ["--batch-size", str(args.rebrac_batch_size), "--beta1", str(args.beta1), "--beta2", str(args.beta2)]
+        if algo in ("sac_n", "edac"):
+            cmd += ["--num-critics", str(args.num_critics), "--hidden-dim", str(args.hidden_dim)]
         return cmd
     if impl == "corl":
         script, flags = CORL_SCRIPTS[algo]
         values = dict(dataset=dataset, seed=seed, steps=args.steps, eval_every=args.eval_every)
         values.update(episodes=args.eval_episodes, epochs=args.steps // args.eval_every)
+        values.update(num_critics=args.num_critics, hidden_dim=args.hidden_dim)
         return [sys.executable, str(shims / f"corl_{script}"), *flags.format(**values).split(), "--device", "cpu"]
     spec = {"dataset": dataset, "seed": seed, "steps": args.steps, "eval_every": args.eval_every}
     spec.update(eval_episodes=args.eval_episodes, batch_size=args.rebrac_batch_size, beta1=args.beta1)

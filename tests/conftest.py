@@ -181,8 +181,10 @@ def algo(request):
 
 
 def small(algo: str) -> list:
-    """Small networks (and, for CQL, few sampled actions): for tests of the plumbing, not of learning."""
-    return ["--hidden-dim", "32"] + (["--cql-n-actions", "2"] if algo == "cql.py" else [])
+    """Small networks (and few sampled actions for CQL, few critics for SAC-N and EDAC): for tests of the plumbing, not
+    of learning."""
+    few = {"cql.py": ["--cql-n-actions", "2"], "sac_n.py": ["--num-critics", "4"], "edac.py": ["--num-critics", "4"]}
+    return ["--hidden-dim", "32", *few.get(algo, [])]
 
 
 def run_dir_of(output: Path) -> Path:

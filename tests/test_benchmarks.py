@@ -1,8 +1,9 @@
 """The benchmarks' own code: the straightforward TD3+BC and ReBRAC baselines of benchmarks/throughput.py train (the
-losses they log are finite, the actor steps every second step), and the shim modules benchmarks/compare.py writes for
-CORL's scripts (gym, d4rl, pyrallis, wandb) give what CORL's scripts read: every transition of the Minari dataset
-with s' the episode's next observation, the old gym API, the dataset's normalized score and a logged evaluation, timed
-apart from training; the command lines name fields of each CORL script's TrainConfig."""
+losses they log are finite, the actor steps every second step); benchmarks/ensemble.py's loop over critics holds the
+batched ensemble's critics and makes its update; the shim modules benchmarks/compare.py writes for CORL's scripts
+(gym, d4rl, pyrallis, wandb) give what CORL's scripts read: every transition of the Minari dataset with s' the
+episode's next observation, the old gym API, the dataset's normalized score and a logged evaluation, timed apart from
+training; the command lines name fields of each CORL script's TrainConfig."""
 
 import importlib.util
 import json
@@ -160,3 +161,27 @@ def test_corl_command_lines_set_fields_of_the_scripts_train_config_with_the_runs
         assert (flags["--num_epochs"], flags["--num_updates_on_epoch"], flags["--eval_every"]) == ("3", "1000", "1")
     else:
         assert "3000" in flags.values() and "1000" in flags.values() and "5" in flags.values()
+
+
+@pytest.mark.parametrize("algo", ["sac_n", "edac"])
+def test_the_ensemble_benchmarks_loop_holds_the_same_critics_and_makes_the_same_update(algo):
+    """benchmarks/ensemble.py: its N separate critics in a Python loop give the batched module's values, and the
+    script's update with them the same step (its metrics) as with the batched module."""
+    import ensemble
+
+    module = importlib.import_module(algo)
+    torch.manual_seed(0)
+    batched = module.make_networks(module.Args(num_critics=3, hidden_dim=16), 4, 2)["critic"]
+    looped = ensemble.LoopEnsemble(batched)
+    obs, actions = torch.randn(8, 4), torch.rand(3, 8, 2) * 2 - 1
+    torch.testing.assert_close(looped(obs, actions[0]), batched(obs, actions[0]))
+    if algo == "edac":  # one action batch per critic, for the action gradients
+        torch.testing.assert_close(looped(obs, actions), batched(obs, actions))
+    data = {k: v for k, v in random_data(n=32, o=4, a=2).items() if k != "next_actions"}
+    metrics = []
+    for loop in (False, True):
+        update = ensemble.learner(module, ensemble.Args(hidden_dim=16), 3, loop, torch.device("cpu"), 4, 2)
+        torch.manual_seed(0)
+        metrics.append(update(data, 1))
+    for name, value in metrics[0].items():
+        torch.testing.assert_close(metrics[1][name], value, rtol=1e-5, atol=1e-6)

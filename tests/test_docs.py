@@ -24,7 +24,7 @@ from shared_block import blocks  # noqa: E402
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ALGORITHMS = tuple(ALGOS)  # every script with the shared block: iql.py, cql.py, td3_bc.py, rebrac.py, ...
 TOOLS = ("policy.py", "collect.py", "sweep.py", "report.py", "benchmarks/throughput.py", "benchmarks/scale.py")
-TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "tools/shared_block.py")
+TOOLS += ("benchmarks/ablation.py", "benchmarks/compare.py", "benchmarks/ensemble.py", "tools/shared_block.py")
 SUBCOMMANDS = {"policy.py": ("evaluate", "export")}  # a flag of either counts as the script's
 PAGE_SCRIPT = {f"{Path(s).stem}.md": s for s in ALGORITHMS}
 PAGE_SCRIPT |= {"policies.md": "policy.py", "collect.md": "collect.py", "sweeps.md": "sweep.py"}

@@ -81,6 +81,8 @@ ADROIT_SETTINGS = {  # each script's Adroit row (TD3+BC has none: its defaults) 
     "rebrac.py": {"beta1": 0.1, "beta2": 0.1, "actor_lr": 3e-4, "critic_lr": 3e-4},
     "bc.py": {"actor_lr": 3e-4, "normalize_states": True},
     "awac.py": {"awac_lambda": 0.1},
+    "sac_n.py": {"num_critics": 100},
+    "edac.py": {"num_critics": 50, "eta": 200.0},
 }
 
 
@@ -88,7 +90,9 @@ def test_script_copied_alone_with_common_keeps_the_published_per_domain_settings
     """iql.py + common.py in an empty folder, on a dataset stored as D4RL/door/human-v2: Adroit's settings apply."""
     for name in (algo, "common.py"):
         shutil.copy(ROOT / name, tmp_path / name)
-    few = ["--total-steps", "40", "--eval-every", "40", "--log-every", "20", "--eval-episodes", "2", *small(algo)]
+    # small networks, but not small()'s few critics: the ensemble's size is one of the settings checked
+    few = ["--total-steps", "40", "--eval-every", "40", "--log-every", "20", "--eval-episodes", "2"]
+    few += ["--hidden-dim", "32"]
     result = run_script(algo, "--env", "door-human-v2", *few, "--output", tmp_path / "runs", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     resolved = yaml.safe_load((run_dir_of(tmp_path / "runs") / "args.yaml").read_text())
@@ -99,7 +103,12 @@ def test_script_copied_alone_with_common_keeps_the_published_per_domain_settings
 # ---- learning -------------------------------------------------------------------------------------------
 # Small budgets met with a wide margin: seeds 0-3 all reached return 1000 (the episode limit), IQL from step 400 on,
 # CQL at step 800 (646-1000 at step 400), TD3+BC from step 250 on, ReBRAC from step 1500 on, BC from step 250 on,
-# AWAC from step 200 on (checked to 600; by step 1000 two seeds had fallen to 445 and 684)
+# AWAC from step 200 on (checked to 600; by step 1000 two seeds had fallen to 445 and 684). SAC-N and EDAC (no
+# behaviour cloning: the policy follows the critics' minimum alone) with standardized states, learning rates 10x
+# CORL's and a fast temperature: at step 3000 seeds 0-3 returned SAC-N 1000, 722, 1000, 1000, EDAC 1000, 1000, 560,
+# 1000 (with CORL's settings both stayed under 20 for 2000 steps: Q grows ~1 per 200 steps)
+SAC_LEARNING = ["--total-steps", "3000", "--eval-every", "3000", "--hidden-dim", "32", "--normalize-states"]
+SAC_LEARNING += ["--actor-lr", "3e-3", "--critic-lr", "3e-3", "--alpha-lr", "1e-2"]
 LEARNING = {
     "iql.py": ["--total-steps", "1000", "--eval-every", "1000"],
     "cql.py": ["--total-steps", "800", "--eval-every", "800", "--hidden-dim", "64", "--actor-lr", "3e-4"],
@@ -107,6 +116,8 @@ LEARNING = {
     "rebrac.py": ["--total-steps", "2000", "--eval-every", "2000", "--hidden-dim", "64"],
     "bc.py": ["--total-steps", "500", "--eval-every", "500"],
     "awac.py": ["--total-steps", "500", "--eval-every", "500", "--hidden-dim", "64"],
+    "sac_n.py": SAC_LEARNING,
+    "edac.py": SAC_LEARNING,
 }
 
 
@@ -128,6 +139,8 @@ BAD_HYPERPARAMETER = {
     "rebrac.py": ["--beta1", "-1"],
     "bc.py": ["--actor-lr", "0"],
     "awac.py": ["--awac-lambda", "0"],
+    "sac_n.py": ["--num-critics", "0"],
+    "edac.py": ["--eta", "-1"],
 }
 
 

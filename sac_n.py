@@ -1,0 +1,1303 @@
+"""SAC-N, a single-file implementation on Gymnasium + Minari.
+
+SAC-N is Soft Actor-Critic on a fixed dataset with N critics instead of two and nothing else added: the TD target and
+the policy take the minimum over all N. Where the data cover an action the N critics agree; elsewhere they disagree,
+and with N large enough (10 to 500) the minimum is low there, so the policy stays on actions the ensemble is sure of.
+Paper: "Uncertainty-Based Offline Reinforcement Learning with Diversified Q-Ensemble", Gaon An, Seungyong Moon,
+Jang-Hyun Kim, Hyun Oh Song, NeurIPS 2021, arXiv:2110.01548 (edac.py is the paper's EDAC). Reference code: CORL's
+algorithms/offline/sac_n.py. Docs: docs/sac_n.md.
+
+Read on: the algorithm (its hyperparameters, checks and settings tables, networks, losses, the update step), then the
+training loop, then the rest of the shared block that every algorithm script holds word for word (data, evaluation,
+configuration, checkpoints).
+"""
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import difflib
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+import yaml
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import common
+
+try:
+    import fcntl  # the run folder's lock
+except ImportError:  # Windows: no lock
+    fcntl = None
+
+ALGO = "sac_n"
+NEEDS_NEXT_ACTION = False  # the update reads (s, a, r, s', done) only: every transition is sampled
+
+
+@dataclasses.dataclass
+class Args:
+    # Algorithm hyperparameters (defaults: CORL's sac_n.py; N per domain and dataset: the tables below)
+    num_critics: int = 10  # N, the critics of the ensemble: the TD target and the policy use the minimum over all N
+    discount: float = 0.99  # discount factor gamma
+    tau: float = 0.005  # Polyak averaging rate of the target critics (every step)
+    actor_lr: float = 3e-4  # actor learning rate
+    critic_lr: float = 3e-4  # critics' learning rate (one Adam over the N critics' batched weights)
+    alpha_lr: float = 3e-4  # learning rate of log alpha, SAC's entropy temperature (from alpha 1, target entropy -|A|)
+    hidden_dim: int = 256  # width of every MLP
+    n_hidden: int = 3  # hidden layers of the actor and of each critic
+    normalize_states: bool = False  # standardize observations with the dataset mean/std (CORL's SAC-N does not)
+    normalize_reward: bool = False  # scale rewards so that the spread of episode returns is 1000 (CORL: off)
+    reward_scale: float = 1.0  # rewards become r * reward_scale + reward_bias (after normalize_reward)
+    reward_bias: float = 0.0  # added after the scale
+    mixing_ratio: float | None = None  # fine-tuning's offline share of a batch: unused, sac_n.py does not fine-tune
+    # -------- SHARED BLOCK (args) begins: the same in every algorithm script --------
+    env: str = "door-human-v2"  # a D4RL-style name (door-human-v2, hopper-medium-v0) or a Minari id (D4RL/pen/human-v2)
+    seed: int = 1  # seed of python, numpy, torch, batch sampling and evaluation envs
+    total_steps: int = 1_000_000  # number of gradient steps
+    batch_size: int = 256  # transitions per gradient step
+    device: str = "auto"  # auto (cuda, then mps, then cpu) or any torch device: cpu, cuda, cuda:1, mps
+    config: str | None = None  # YAML of overrides (keys: these fields), applied after the per-domain settings
+    eval_every: int = 5000  # evaluate the policy every this many steps (and at the end)
+    eval_episodes: int = 10  # episodes per evaluation, run in parallel; 0: train without an environment
+    log_every: int = 1000  # log losses to TensorBoard every this many steps (the only host syncs in training)
+    checkpoint_every: int = 50_000  # write checkpoints/step_<N>.pt and last.pt every this many steps (and at the end)
+    keep_checkpoints: int = 3  # how many step_<N>.pt files to keep (last.pt is always kept)
+    output: str = "runs"  # parent folder of the run folder
+    run_name: str | None = None  # name of the run folder inside --output; default <env>__<algo>__<seed>__<unix time>
+    resume: str | None = None  # continue a run (its folder or checkpoint); with a larger --total-steps: train further
+    track: bool = False  # log to Weights & Biases (pip install wandb); project: $WANDB_PROJECT
+    capture_video: bool = False  # save a GIF of one evaluation episode to <run>/videos/ (MuJoCo: MUJOCO_GL=egl)
+    compile: bool = False  # torch.compile the update step
+    bf16: bool = False  # bfloat16 autocast of the hidden layers; output layers, losses, weights, optimizer stay float32
+    online_steps: int = 0  # then fine-tune online for this many env steps, one gradient step each (docs/finetuning.md)
+    top_fraction: float = 1.0  # train on this fraction of the episodes, those of highest discounted return (x % BC)
+    # -------- SHARED BLOCK (args) ends --------
+
+
+def check_args(args: Args) -> list:
+    """SAC-N's own hyperparameters out of range, and fine-tuning, which it does not do: the problems found."""
+    problems = []
+    if not (0 <= args.discount <= 1 and 0 < args.tau <= 1):
+        problems.append("discount must be in [0, 1] and tau in (0, 1]")
+    if min(args.actor_lr, args.critic_lr, args.alpha_lr) <= 0:
+        problems.append("learning rates must be > 0")
+    if min(args.num_critics, args.hidden_dim, args.n_hidden) < 1:
+        problems.append("num_critics, hidden_dim and n_hidden must be >= 1")
+    if args.online_steps or args.mixing_ratio is not None:
+        problems.append(
+            f"{ALGO}.py trains offline only: CORL has no fine-tuning recipe for it (no algorithms/finetune/{ALGO}.py), "
+            "so --online-steps and --mixing-ratio are not taken"
+        )
+    return problems
+
+
+# Published settings of CORL's SAC-N (github.com/corl-team/CORL, configs/offline/sac_n/<env>/<dataset>.yaml). Every
+# config: num_epochs 3000 x num_updates_on_epoch 1000 gradient steps, an evaluation every 5 epochs on 10 episodes
+# (AntMaze and maze2d too), normalize_reward false (rewards as they are, AntMaze's included), the Args defaults
+# otherwise. N is CORL's per domain where every dataset of the domain has the same (Adroit 100, AntMaze and maze2d 25),
+# per dataset on locomotion. Kitchen and the other MuJoCo tasks have no CORL config: the defaults (unverified).
+# Precedence: Args defaults < DOMAIN_SETTINGS < DATASET_SETTINGS < FINETUNE_SETTINGS (with --online-steps) <
+# --config FILE.yaml < command-line flags.
+CORL_RUN = {"total_steps": 3_000_000, "eval_every": 5000, "eval_episodes": 10}
+DOMAIN_SETTINGS = {
+    "locomotion": {**CORL_RUN},  # N: per dataset below; simple-v0 and expert-v0 (no CORL config): N = 10
+    "adroit": {**CORL_RUN, "num_critics": 100},  # {pen,door,hammer,relocate}/{human,cloned,expert}_v1.yaml
+    "antmaze": {**CORL_RUN, "num_critics": 25},  # antmaze/*_v2.yaml
+    "pointmaze": {**CORL_RUN, "num_critics": 25},  # maze2d/{umaze,medium,large}_v1.yaml
+}
+# CORL's <env>/medium_v2.yaml (D4RL's <env>-medium-v2) under the Minari id of the same name. The data differ: Minari's
+# mujoco/<env>/medium-v0 are Minari's own recordings, not D4RL's. (CORL's medium-replay and medium-expert configs:
+# halfcheetah 10, hopper 200, walker2d 20; Minari has no datasets of those names.)
+DATASET_SETTINGS = {
+    "mujoco/halfcheetah/medium-v0": {"num_critics": 10},
+    "mujoco/hopper/medium-v0": {"num_critics": 500},
+    "mujoco/walker2d/medium-v0": {"num_critics": 20},
+}
+FINETUNE_SETTINGS = {}  # no fine-tuning (check_args)
+
+
+# -------- ALGO LOGIC: networks --------
+# Init as CORL's ("as in the EDAC paper"): hidden biases 0.1, output layers U(+-1e-3) (actor) and U(+-3e-3) (critics),
+# weights and biases; the actor's hidden weights PyTorch's default U(+-1/sqrt(fan_in)). The critics' hidden weights are
+# U(+-1/sqrt(fan_out)): CORL's VectorizedLinear applies kaiming_uniform_ to each member's (in, out) weight matrix, and
+# PyTorch reads a matrix's fan-in from its second dimension. Kept, as CORL's results come from it: 1/16 for 256 units,
+# also in the first layer, where nn.Linear would take 1/sqrt(obs dims + action dims).
+@torch.no_grad()
+def init_layers(net: nn.Sequential, output_bound: float) -> None:
+    """Hidden biases 0.1 (a critic's hidden weights U(+-1/sqrt(fan_out)), see above); the output layer U(+-bound)."""
+    *hidden, output = [m for m in net if isinstance(m, nn.Linear | common.BatchedLinear)]
+    for layer in hidden:
+        if isinstance(layer, common.BatchedLinear):
+            bound = layer.weight.shape[-1] ** -0.5
+            nn.init.uniform_(layer.weight, -bound, bound)
+        layer.bias.fill_(0.1)
+    nn.init.uniform_(output.weight, -output_bound, output_bound)
+    nn.init.uniform_(output.bias, -output_bound, output_bound)
+
+
+class Actor(nn.Module):
+    """pi(a|s) = tanh(N(mu(s), sigma(s)^2)), SAC's squashed Gaussian, log sigma clipped to [-5, 2] (the EDAC code's
+    range, not SAC's [-20, 2]). One output layer holds mu and log sigma side by side: CORL's two output heads, with the
+    same init, are the same parameters split in two (Adam works elementwise)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n_hidden: int):
+        super().__init__()
+        self.act_dim = act_dim
+        layers = []
+        for i in range(n_hidden):
+            layers.append(nn.Linear(obs_dim if i == 0 else hidden, hidden))
+            layers.append(nn.ReLU())
+        layers.append(common.OutputLinear(hidden, 2 * act_dim))
+        self.net = nn.Sequential(*layers)
+        init_layers(self.net, output_bound=1e-3)
+
+    def distribution(self, obs: torch.Tensor) -> tuple:
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """The deterministic action tanh(mu(s)), used for evaluation."""
+        return torch.tanh(self.distribution(obs)[0])
+
+
+class EnsembleQ(nn.Module):
+    """The N critics Q_1..Q_N in one module: every layer is one batched matmul over the N members (never a Python loop
+    over critics); a state-action batch shared by all members is broadcast to them as a view, not copied N times."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int, hidden: int, n_hidden: int):
+        super().__init__()
+        layers = []
+        for i in range(n_hidden):
+            layers.append(common.BatchedLinear(n, obs_dim + act_dim if i == 0 else hidden, hidden))
+            layers.append(nn.ReLU())
+        layers.append(common.BatchedOutputLinear(n, hidden, 1))
+        self.net = nn.Sequential(*layers)
+        init_layers(self.net, output_bound=3e-3)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """obs (B, D), actions (B, A) -> Q (N, B)."""
+        return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
+
+
+def make_networks(args: Args, obs_dim: int, act_dim: int) -> dict:
+    """The actor, the N critics and their Polyak copy (equal at the start), and log alpha (0: alpha starts at 1)."""
+    critic = EnsembleQ(args.num_critics, obs_dim, act_dim, args.hidden_dim, args.n_hidden)
+    return {
+        "actor": Actor(obs_dim, act_dim, args.hidden_dim, args.n_hidden),
+        "critic": critic,
+        "target_critic": copy.deepcopy(critic).requires_grad_(False),
+        # a learnable number as a module (.value), so that it moves, optimizes and checkpoints like the networks
+        "log_alpha": nn.ParameterDict({"value": torch.tensor(0.0)}),
+    }
+
+
+def make_optimizers(nets: dict, args: Args) -> dict:
+    return {
+        "actor_opt": common.adam(nets["actor"], args.actor_lr),
+        "critic_opt": common.adam(nets["critic"], args.critic_lr),
+        "alpha_opt": common.adam(nets["log_alpha"], args.alpha_lr),
+    }
+
+
+# -------- ALGO LOGIC: losses (paper equations) --------
+def sample_action(mean: torch.Tensor, log_std: torch.Tensor) -> tuple:
+    """a = tanh(u), u = mu + sigma eps, eps ~ N(0, I) (reparameterized), and log pi(a|s) = log N(u; mu, sigma^2) -
+    sum_j log(1 - tanh(u_j)^2 + 1e-6): SAC's change of variables (its Appendix C) with the 1e-6 of CORL and of the
+    EDAC code, which bounds each dimension's correction where tanh saturates. Returns a (B, A) and log pi (B,)."""
+    eps = torch.randn_like(mean)
+    u = mean + log_std.exp() * eps
+    action = torch.tanh(u)
+    log_normal = (-0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return action, log_normal - torch.log(1 - action**2 + 1e-6).sum(-1)
+
+
+def alpha_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """SAC's temperature objective -E[log alpha (log pi(a|s) + target entropy)] (on log alpha, as CORL): alpha rises
+    while the policy's entropy is below the target."""
+    return -(log_alpha * (log_pi.detach() + target_entropy)).mean()
+
+
+def actor_loss(alpha: torch.Tensor, log_pi: torch.Tensor, q_pi: torch.Tensor) -> torch.Tensor:
+    """SAC's policy objective with the minimum over all N critics: E[alpha log pi(a|s) - min_i Q_i(s, a)],
+    a ~ pi(.|s); q_pi (N, B)."""
+    return (alpha * log_pi - q_pi.min(dim=0).values).mean()
+
+
+def td_target(rewards, dones, next_q, next_log_pi, alpha, discount: float) -> torch.Tensor:
+    """The paper's clipped Q-learning over N critics, with SAC's entropy bonus: y = r + gamma (1 - d)
+    (min_i Q'_i(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s'); next_q (N, B) from the target critics."""
+    return rewards + discount * (1.0 - dones) * (next_q.min(dim=0).values - alpha * next_log_pi)
+
+
+def td_loss(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over the N critics of E[(Q_i(s, a) - y)^2] (no 1/2, as CORL); q (N, B)."""
+    return ((q - target) ** 2).mean(dim=1).sum()
+
+
+# -------- ALGO LOGIC: the update step --------
+def make_update(nets: dict, opts: dict, args: Args):
+    """One SAC-N gradient step, update(batch, step), in CORL's order (which CORL took from the EDAC code, finding it
+    better than SAC's usual critic -> actor -> temperature): the temperature; the actor, with the new alpha; the
+    critics, towards a target built with the new actor and alpha; Polyak on the target critics. Random draws, in this
+    order: a policy sample at s for the temperature, another for the actor, the next action at s'. The actor's loss
+    reaches the actor only (CORL computes the critics' gradients too, then zeroes them). Returns detached metrics (no
+    host sync)."""
+    actor, critic, target_critic = nets["actor"], nets["critic"], nets["target_critic"]
+    log_alpha = nets["log_alpha"].value
+    target_entropy = -float(actor.act_dim)
+
+    def sac_n_step(batch: dict) -> dict:
+        obs = batch["obs"]
+        # --- the temperature, then the actor with the new alpha
+        with torch.no_grad():
+            log_pi_alpha = sample_action(*actor.distribution(obs))[1]
+        loss_alpha = alpha_loss(log_alpha, log_pi_alpha, target_entropy)
+        common.descend(opts["alpha_opt"], loss_alpha)
+        alpha = log_alpha.exp().detach()
+        a_pi, log_pi = sample_action(*actor.distribution(obs))
+        frozen = {name: p.detach() for name, p in critic.named_parameters()}
+        q_pi = torch.func.functional_call(critic, frozen, (obs, a_pi))
+        loss_actor = actor_loss(alpha, log_pi, q_pi)
+        common.descend(opts["actor_opt"], loss_actor)
+        # --- the critics
+        with torch.no_grad():
+            next_actions, next_log_pi = sample_action(*actor.distribution(batch["next_obs"]))
+            next_q = target_critic(batch["next_obs"], next_actions)
+            target = td_target(batch["rewards"], batch["dones"], next_q, next_log_pi, alpha, args.discount)
+        q = critic(obs, batch["actions"])
+        loss_critic = td_loss(q, target)
+        common.descend(opts["critic_opt"], loss_critic)
+        common.soft_update(target_critic, critic, args.tau)
+        metrics = {
+            "alpha_loss": loss_alpha,
+            "alpha": alpha,
+            "actor_loss": loss_actor,
+            "entropy": -log_pi.mean(),
+            "q_policy_std": q_pi.std(dim=0).mean(),  # the ensemble's disagreement at the policy's actions (CORL's)
+            "critic_loss": loss_critic,
+            "q_data": q.mean(),
+            "q_target": target.mean(),
+        }
+        return {f"losses/{name}": x.detach() for name, x in metrics.items()}
+
+    sac_n_step = common.accelerate(sac_n_step, next(critic.parameters()).device.type, args.bf16, args.compile)
+    return lambda batch, step: sac_n_step(batch)
+
+
+def explore(nets: dict, obs: torch.Tensor, args: Args) -> torch.Tensor:
+    """SAC's behaviour policy, a sample of pi(.|s): the interface every script defines; never called here, as
+    check_args refuses fine-tuning."""
+    return sample_action(*nets["actor"].distribution(obs))[0]
+
+
+# ======== SHARED BLOCK (loop) begins ========
+# The loop and the shared block after the algorithm are the same in every script: edit them in iql.py, then run
+# `python tools/shared_block.py --fix`. They use of the algorithm: ALGO, NEEDS_NEXT_ACTION (batches carry the next
+# action), Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio),
+# check_args, DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; "actor": states
+# to actions in [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a
+# dict of detached tensors) and explore (the online behaviour policy).
+def train(args: Args, ckpt: dict | None = None) -> None:
+    """Sample a batch, update, log, evaluate, checkpoint; online (after total_steps), an env step first."""
+    # data, networks, optimizers, envs and the run folder; on --resume, as the checkpoint left them
+    with Run(args, ckpt) as run:
+        args = run.args  # a dataset without an environment: no evaluation
+        update = make_update(run.nets, run.opts, args)
+        for step in range(run.step + 1, args.total_steps + args.online_steps + 1):
+            if step <= args.total_steps:
+                batch = run.buffer.sample(args.batch_size)
+            else:
+                run.online_step(step)
+                batch = run.buffer.sample(args.batch_size, args.mixing_ratio)
+            metrics = update(batch, step)
+
+            phase_ends = step in (args.total_steps, args.total_steps + args.online_steps)
+            checkpoint_now = step % args.checkpoint_every == 0 or phase_ends or run.stop
+            if step % args.log_every == 0 or checkpoint_now:
+                run.log(step, metrics)  # the only host sync of training
+            if args.eval_episodes and (step % args.eval_every == 0 or phase_ends):
+                run.evaluate(step)  # and checkpoints/best.pt when it is the best so far
+            if checkpoint_now:
+                run.checkpoint(step)
+            if run.stop:
+                break
+        run.finish()
+
+
+# ======== SHARED BLOCK (loop) ends ========
+
+
+# ======== SHARED BLOCK begins ========
+class UserError(Exception):
+    """A mistake in the input: printed as one paragraph, exit code 2, no traceback."""
+
+
+# -------- The run: set up, log, evaluate, checkpoint --------
+class Run:
+    """What the loop works with; the run folder is locked while it trains."""
+
+    def __init__(self, args: Args, ckpt: dict | None):
+        self.device = pick_device(args.device)
+        common.seed_everything(args.seed)  # TRY NOT TO MODIFY: seeding
+        self.dataset = load_dataset(resolve_dataset_name(args.env)[0])
+        if ckpt is not None:
+            check_dataset(self.dataset, ckpt, "--resume")
+        args = check_environment(self.dataset, args)
+        self.args = args
+        self.buffer, self.stats = load_buffer(self.dataset, args, self.device)
+        obs_dim, act_dim = self.buffer.obs.shape[1], len(self.stats["action_low"])
+        print(f"{self.dataset.id}: {self.buffer.n_steps} transitions, {self.dataset.total_episodes} episodes")
+        if args.top_fraction < 1:
+            print(f"training on the {args.top_fraction:.0%} of highest return: {self.buffer.n_offline} transitions")
+        self.envs = make_eval_envs(self.dataset, args.eval_episodes, obs_dim, act_dim) if args.eval_episodes else None
+        self.run_dir, self.lock = make_run_dir(args)
+        self.nets = {name: net.to(self.device) for name, net in make_networks(args, obs_dim, act_dim).items()}
+        self.opts = make_optimizers(self.nets, args)
+        self.policy = numpy_policy(Policy(self.nets["actor"], self.stats).to(self.device), self.device)
+        self.step, self.history, self.clock, self.online = 0, [], {"wall": 0.0, "train_seconds": 0.0}, None
+        if ckpt is not None:
+            for name, obj in {**self.nets, **self.opts}.items():
+                obj.load_state_dict(ckpt[name])
+            common.set_rng_states(ckpt["rng"], self.buffer.generator)
+            self.step, self.history, self.clock = ckpt["step"], ckpt["eval_history"], ckpt["clock"]
+            if ckpt["online"] is not None:
+                self.online = OnlinePhase(self.dataset, self.buffer, self.stats, args, self.device, ckpt["online"])
+            print(f"resumed {self.run_dir} at step {self.step} of {args.total_steps + args.online_steps}")
+        if args.track:
+            import wandb
+
+            config = dataclasses.asdict(args)
+            project = os.environ.get("WANDB_PROJECT", "single-file-offline-rl")
+            name = self.run_dir.name
+            wandb.init(project=project, name=name, id=name, config=config, sync_tensorboard=True, resume="allow")
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=self.step + 1 if self.step else None)
+        self.stop = []  # signals: finish the step, checkpoint, exit
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self.stop.append(signum))
+        self.started = time.time() - self.clock["wall"]
+        self.window = {"since": time.time(), "step": self.step, "sps": None}  # SPS counts training time only
+        self.progress = tqdm(initial=self.step, total=args.total_steps + args.online_steps, desc=self.phase(self.step))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.lock.close()
+
+    def phase(self, step: int) -> str:
+        return "offline" if step <= self.args.total_steps else "online"
+
+    def online_step(self, step: int) -> None:
+        if self.online is None:
+            self.online = OnlinePhase(self.dataset, self.buffer, self.stats, self.args, self.device, None)
+            self.progress.set_description("online")
+        episode = self.online.step(self.nets)
+        if episode is not None:
+            self.writer.add_scalar("online/episode_return", episode["return"], step)
+            self.writer.add_scalar("online/episode_length", episode["length"], step)
+            if episode["success"] is not None:
+                self.writer.add_scalar("online/success", episode["success"], step)
+                self.writer.add_scalar("online/regret", self.online.summary()["regret"], step)
+
+    def log(self, step: int, metrics: dict) -> None:
+        values = {name: value.item() for name, value in metrics.items()}
+        check_finite(values, self.window["step"], step)
+        seconds = time.time() - self.window["since"]
+        self.clock["train_seconds"] += seconds
+        values["charts/SPS"] = (step - self.window["step"]) / max(seconds, 1e-9)
+        values["charts/learning_rate"] = float(self.opts["actor_opt"].param_groups[0]["lr"])
+        if self.online is not None:
+            values["charts/env_steps"] = self.online.summary()["env_steps"]
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.progress.update(step - self.progress.n)
+        self.progress.set_postfix(sps=f"{values['charts/SPS']:.0f}")
+        self.window = {"since": time.time(), "step": step, "sps": values["charts/SPS"]}
+
+    def evaluate(self, step: int) -> None:
+        started = time.time()
+        self.nets["actor"].eval()
+        seeds = evaluation_seeds(self.args.seed, step, self.args.eval_episodes)
+        returns, lengths, success = evaluate(self.envs, self.policy, seeds)
+        scores = normalized_scores(self.dataset, returns)
+        result = {"step": step, "return": float(returns.mean()), "return_std": float(returns.std())}
+        result["length"] = float(lengths.mean())
+        result["normalized_score"] = None if scores is None else float(scores.mean())
+        result["success"] = None if success is None else float(success.mean())
+        for tag in ("return", "length", "normalized_score", "success"):
+            if result[tag] is not None:
+                self.writer.add_scalar(f"eval/{tag}", result[tag], step)
+        if self.args.capture_video:
+            problem = record_video(self.dataset, self.policy, seeds[0], self.run_dir / "videos" / f"step_{step}.gif")
+            if problem:
+                tqdm.write(problem)
+                self.args.capture_video = False
+        if result["return"] > max((h["return"] for h in self.history), default=-math.inf):
+            best = {"algo": ALGO, "minari_id": self.dataset.id, "dataset": dataset_fingerprint(self.dataset)}
+            best.update(step=step, args=dataclasses.asdict(self.args), normalization=self.stats)
+            best.update(actor=self.nets["actor"].state_dict(), evaluation=result)  # what policy.py reads
+            self.save(self.run_dir / "checkpoints" / "best.pt", best, step)
+        self.nets["actor"].train()
+        self.history.append(result)
+        x = returns if scores is None else scores
+        line = f"{'return' if scores is None else 'normalized score'} {x.mean():.1f} ± {x.std():.1f}"
+        line += "" if success is None else f", success {success.mean():.2f}"
+        line += "" if self.window["sps"] is None else f", {self.window['sps']:.0f} steps/s"
+        elapsed = datetime.timedelta(seconds=round(time.time() - self.started))
+        total = self.args.total_steps + self.args.online_steps
+        tqdm.write(f"step {step}/{total} {self.phase(step)}: {line}, {elapsed} elapsed")
+        result["seconds"] = round(time.time() - started, 3)
+        self.window["since"] += time.time() - started
+
+    def checkpoint(self, step: int) -> None:
+        started = time.time()
+        self.clock["wall"] = time.time() - self.started
+        state = {name: obj.state_dict() for name, obj in {**self.nets, **self.opts}.items()}
+        state.update(algo=ALGO, minari_id=self.dataset.id, dataset=dataset_fingerprint(self.dataset), step=step)
+        state.update(args=dataclasses.asdict(self.args), clock=self.clock, normalization=self.stats)
+        state.update(eval_history=self.history, rng=common.get_rng_states(self.buffer.generator))
+        state.update(online=None if self.online is None else self.online.state())
+        self.save(None, state, step)
+        self.step = step
+        self.save(self.run_dir / "summary.json", summary(self), step)
+        self.window["since"] += time.time() - started
+
+    def save(self, file: Path | None, state: dict, step: int) -> None:
+        """The checkpoint (file None), best.pt or summary.json, whole or not at all; a failure stops the run."""
+        try:
+            if file is None:
+                common.save_checkpoint(self.run_dir, state, step, self.args.keep_checkpoints)
+            elif file.suffix == ".json":
+                common.atomic_write(file, json.dumps(state, indent=2).encode())
+            else:
+                common.atomic_write(file, common.serialize(state))
+        except OSError as e:
+            last = f"step {self.step}" if self.step else "none"
+            raise UserError(
+                f"could not write {file or 'the checkpoint'} at step {step} ({e}); the run stops. Its last checkpoint: "
+                f"{last}. Make room, then continue with --resume {self.run_dir}."
+            ) from None
+
+    def finish(self) -> None:
+        self.progress.close()
+        if self.stop:
+            print(
+                f"interrupted at step {self.step}; checkpoint saved. Resume: python {ALGO}.py --resume {self.run_dir}"
+            )
+            sys.exit(128 + self.stop[0])
+        print(f"done: {self.run_dir}")
+        if self.history:
+            name = "return" if self.history[-1]["normalized_score"] is None else "normalized_score"
+            best = max(self.history, key=lambda h: h["return"])
+            final = f"final {self.history[-1][name]:.1f}, best {best[name]:.1f} at step {best['step']}"
+            print(f"{name.replace('_', ' ')}: {final} (means over {self.args.eval_episodes} episodes)")
+            print(f"best policy: {self.run_dir / 'checkpoints' / 'best.pt'}")
+
+
+class Console(io.TextIOBase):
+    """stdout, and a copy: in memory until the run folder exists, then its console.log."""
+
+    def __init__(self, stdout):
+        self.stdout = stdout
+        self.copy = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stdout.write(text)
+
+    def flush(self) -> None:
+        self.copy.flush()
+        self.stdout.flush()
+
+    def keep_in(self, file: Path) -> None:
+        log = open(file, "a")
+        log.write(self.copy.getvalue())
+        self.copy = log
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: cuda, mps or cpu; or any torch device this machine has."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {name} is not available on this machine ({str(e)[:200]})") from None
+    return device
+
+
+def check_environment(dataset: minari.MinariDataset, args: Args) -> Args:
+    """No environment: no evaluation, and no fine-tuning."""
+    if dataset.env_spec is not None or dataset.storage.metadata.get("eval_env_spec") is not None:
+        return args
+    if args.online_steps:
+        raise UserError(f"dataset {dataset.id} has no environment to fine-tune in: --online-steps needs one")
+    if args.eval_episodes:
+        print(f"dataset {dataset.id} has no environment: training without evaluation (--eval-episodes 0)")
+    return dataclasses.replace(args, eval_episodes=0, capture_video=False)
+
+
+def make_run_dir(args: Args) -> tuple:
+    """(folder, lock): the new run's folder, with args.yaml, or the resumed one; locked for this process."""
+    name = args.run_name or f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume) if args.resume else Path(args.output) / name
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "w")
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
+            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick a new name")
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(dataclasses.asdict(args), sort_keys=False))
+        if isinstance(sys.stdout, Console):
+            sys.stdout.keep_in(run_dir / "console.log")
+    except BlockingIOError:
+        raise UserError(f"another process is training in {run_dir} right now: one run per folder") from None
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {run_dir}: {e}. Choose another with --output.") from None
+    return run_dir, lock
+
+
+def check_finite(values: dict, since: int, step: int) -> None:
+    """A NaN or infinite loss stops the run before a checkpoint is written."""
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(
+            f"{', '.join(bad)} became non-finite between steps {since} and {step}: the data was checked when "
+            "loaded, so the optimization diverged. Lower the learning rates, or add LayerNorm to the critics."
+        )
+
+
+def summary(run: Run) -> dict:
+    """summary.json, what sweep.py and report.py read (docs/usage.md)."""
+    args, history, dataset = run.args, run.history, run.dataset
+    scores = [h["normalized_score"] for h in history if h["normalized_score"] is not None]
+    returns = [h["return"] for h in history]
+    offline = [h for h in history if h["step"] == args.total_steps and args.online_steps]
+    packages = ("torch", "minari", "gymnasium", "gymnasium_robotics", "mujoco")
+    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
+    return {
+        "algo": ALGO,
+        "env": args.env,
+        "minari_id": dataset.id,
+        "domain": resolve_dataset_name(dataset.id)[1],
+        "seed": args.seed,
+        "steps": run.step,
+        "total_steps": args.total_steps,
+        "online_steps": args.online_steps,
+        "completed": run.step == args.total_steps + args.online_steps,
+        "eval_episodes": args.eval_episodes,
+        "wall_seconds": round(run.clock["wall"], 2),
+        "sps": round(run.step / max(run.clock["train_seconds"], 1e-9), 2),
+        "final_return": returns[-1] if returns else None,
+        "best_return": max(returns, default=None),
+        "final_normalized_score": scores[-1] if scores else None,
+        "best_normalized_score": max(scores, default=None),
+        "offline_return": offline[0]["return"] if offline else None,
+        "offline_normalized_score": offline[0]["normalized_score"] if offline else None,
+        "online": None if run.online is None else run.online.summary(),
+        "ref_min_score": dataset.storage.metadata.get("ref_min_score"),
+        "ref_max_score": dataset.storage.metadata.get("ref_max_score"),
+        "versions": {name: importlib.metadata.version(name) for name in packages},
+        "git_commit": subprocess.run(git, capture_output=True, text=True).stdout.strip() or None,
+        "args": dataclasses.asdict(args),
+        "eval_history": history,
+    }
+
+
+# -------- Data: dataset names, Minari loading --------
+# D4RL-style names and their Minari ids, by domain (the keys of the settings tables); a Minari id takes its task's.
+DATASET_NAMES = {
+    # domain: (tasks, kinds, versions of the D4RL-style name, Minari id)
+    "adroit": ("pen door hammer relocate", "human cloned expert", "0 1 2", "D4RL/{task}/{kind}-v2"),
+    "antmaze": ("antmaze", "umaze umaze-diverse medium-play medium-diverse large-play large-diverse", "0 1 2",
+                "D4RL/antmaze/{kind}-v1"),
+    "pointmaze": ("maze2d pointmaze", "umaze medium large open umaze-dense medium-dense large-dense open-dense",
+                  "0 1 2", "D4RL/pointmaze/{kind}-v2"),
+    "kitchen": ("kitchen", "complete partial mixed", "0 2", "D4RL/kitchen/{kind}-v2"),
+    "locomotion": ("halfcheetah hopper walker2d", "simple medium expert", "0", "mujoco/{task}/{kind}-v0"),
+    "mujoco": ("ant humanoid invertedpendulum inverteddoublependulum pusher reacher swimmer", "simple medium expert",
+               "0", "mujoco/{task}/{kind}-v0"),
+}  # fmt: skip
+
+
+def dataset_names() -> dict:
+    """Every D4RL-style name -> (Minari id, domain)."""
+    names = {}
+    for domain, (tasks, kinds, versions, minari_id) in DATASET_NAMES.items():
+        for task in tasks.split():
+            for kind in kinds.split():
+                for version in versions.split():
+                    names[f"{task}-{kind}-v{version}"] = (minari_id.format(task=task, kind=kind), domain)
+    return names
+
+
+def resolve_dataset_name(name: str) -> tuple:
+    """(Minari id, domain) of a D4RL-style name or of a Minari id."""
+    names = dataset_names()
+    if name in names:
+        return names[name]
+    if "/" in name:
+        for minari_id, domain in names.values():
+            if minari_id.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]:
+                return name, domain
+        return name, "other"
+    local = minari.list_local_datasets()
+    task = name.split("-")[0]
+    if name in gym.registry:
+        recorded = [i for i, meta in local.items() if json.loads(meta.get("env_spec") or "{}").get("id") == name]
+        found = f"local datasets recorded in it: {', '.join(recorded)}" if recorded else "no local dataset is from it"
+        raise UserError(
+            f"'{name}' is a Gymnasium environment, not a dataset ({found}). Record one with `python collect.py --env "
+            f"{name} --dataset-id local/{name.split('-')[0].lower()}/medium-v0 ...` (docs/collect.md)."
+        )
+    if task in ("halfcheetah", "hopper", "walker2d", "ant") and re.fullmatch(r"[a-z0-9]+-[a-z-]+-v\d+", name):
+        hint = f" Minari does not host D4RL locomotion; closest: mujoco/{task}/simple-v0, medium-v0, expert-v0."
+    else:
+        close = difflib.get_close_matches(name, [*names, *local], n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise UserError(
+        f"unknown dataset '{name}'.{hint} Give a D4RL-style name (door-human-v2, antmaze-umaze-v1, "
+        "kitchen-mixed-v2, hopper-medium-v0) or a Minari id containing '/' (`minari list local` lists yours)."
+    )
+
+
+def load_dataset(dataset_id: str) -> minari.MinariDataset:
+    """The local copy, else a download (never for local/ ids or near misses of local ones)."""
+    try:
+        minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
+    except ValueError:
+        raise UserError(
+            f"'{dataset_id}' is not a valid Minari dataset id: ids look like namespace/name-v<N> "
+            "(D4RL/door/human-v2, mujoco/hopper/medium-v0, local/x/random-v0)"
+        ) from None
+    local = Path(minari.storage.get_dataset_path(dataset_id))
+    close = [] if (local / "data").exists() else local_typos(dataset_id)
+    if close or not (local / "data").exists() and dataset_id.startswith("local/"):
+        hint = f"Did you mean {' or '.join(close)}? " if close else ""
+        raise UserError(
+            f"dataset '{dataset_id}' is not in the local Minari store (no {local}). {hint}`minari list local` "
+            "lists the local datasets; collect.py records new ones."
+        )
+    try:
+        dataset = minari.load_dataset(dataset_id, download=True)
+        next(dataset.iterate_episodes(), None)  # a truncated copy fails here, not in training
+        return dataset
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        if (local / "data").exists():
+            raise UserError(
+                f"the dataset at {local} is damaged ({why}): delete the folder {local}, then get it again."
+            ) from e
+        raise UserError(
+            f"dataset '{dataset_id}' is not in the local Minari store ({local}) and downloading it failed ({why}). "
+            f"Without network: `minari download {dataset_id}` elsewhere, then copy the folder to {local} (or set "
+            "MINARI_DATASETS_PATH to the copy); or record a dataset with collect.py."
+        ) from e
+
+
+def local_typos(dataset_id: str) -> list:
+    """Local ids that dataset_id nearly spells (for ids outside local/, not another version of it)."""
+    close = difflib.get_close_matches(dataset_id, minari.list_local_datasets(), cutoff=0.9)
+    versions = dataset_id.startswith("local/")
+    return [c for c in close if versions or c.rsplit("-v", 1)[0] != dataset_id.rsplit("-v", 1)[0]]
+
+
+def dataset_fingerprint(dataset: minari.MinariDataset) -> dict:
+    """Episodes, steps and a digest of three episodes: tells a dataset re-recorded under the same id."""
+    digest = hashlib.blake2b(digest_size=8)
+    last = dataset.total_episodes - 1
+    for episode in dataset.iterate_episodes(sorted({0, last // 2, last}) if last >= 0 else []):
+        for part in (flatten(dataset.observation_space, episode.observations), episode.actions, episode.rewards):
+            digest.update(np.asarray(part, dtype=np.float64).tobytes())
+    return {"episodes": dataset.total_episodes, "steps": dataset.total_steps, "digest": digest.hexdigest()}
+
+
+def check_dataset(dataset: minari.MinariDataset, ckpt: dict, what: str) -> None:
+    now = dataset_fingerprint(dataset)
+    if ckpt.get("dataset", now) != now:
+        raise UserError(
+            f"{what}: the dataset {dataset.id} is not the one this checkpoint was trained on (then: {ckpt['dataset']}; "
+            f"now: {now}): it was re-recorded or re-downloaded under the same id. Use the original copy, or start a "
+            "new run."
+        )
+
+
+# -------- Data: one on-device buffer, each observation stored once --------
+def flatten(space: gym.Space, obs) -> np.ndarray:
+    """(T, ...) observations -> (T, D), Dict keys in order, as gymnasium's FlattenObservation."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten(space[key], obs[key]) for key in space.spaces], axis=1)
+    if not isinstance(space, gym.spaces.Box):
+        raise UserError(f"unsupported observation space {space}: only Box and Dict of Box are handled")
+    return np.reshape(obs, (len(obs), -1))
+
+
+@dataclasses.dataclass
+class Buffer:
+    """Every transition on the device; each observation stored once (docs/performance.md#large-datasets): s and s' are
+    rows rows[:, i] of obs, steps[i] = (a, r, done, return-to-go). Batches come from index[:n_index]."""
+
+    obs: torch.Tensor  # (rows, obs_dim), standardized, with room for the online phase
+    steps: torch.Tensor  # (capacity + 1, act_dim + 3): action in [-1, 1], transformed reward, done, return-to-go
+    rows: torch.Tensor  # (2, capacity): rows of s and s'
+    index: torch.Tensor  # (capacity,): the transitions batches are drawn from
+    generator: torch.Generator
+    n_offline: int  # index[:n_offline]: the offline transitions
+    n_index: int
+    n_steps: int  # transitions stored: the offline ones, then the online ones
+    n_obs: int
+    offline_steps: int
+    offline_rows: int
+    episode_start: int = 0  # the first transition of the online episode in progress
+
+    def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
+        """Uniform; or offline_share of them from the offline transitions, once there are online ones."""
+        draw = dict(device=self.obs.device, generator=self.generator)
+        if offline_share is None or self.n_index == self.n_offline:
+            return self.index[torch.randint(self.n_index, (batch_size,), **draw)]
+        n = round(batch_size * offline_share)
+        offline = torch.randint(self.n_offline, (n,), **draw)
+        online = torch.randint(self.n_offline, self.n_index, (batch_size - n,), **draw)
+        return self.index[torch.cat([offline, online])]
+
+    def sample(self, batch_size: int, offline_share: float | None = None) -> dict:
+        i = self.draw(batch_size, offline_share)
+        obs, next_obs = self.obs[self.rows[:, i]]
+        steps = self.steps[i]
+        act_dim = steps.shape[1] - 3
+        return {
+            "obs": obs,
+            "actions": steps[:, :act_dim],
+            "rewards": steps[:, -3],
+            "next_obs": next_obs,
+            "dones": steps[:, -2],
+            "returns_to_go": steps[:, -1],
+            "next_actions": self.steps[i + 1, :act_dim],  # meaningless where the episode ended
+        }
+
+    def start_episode(self, obs: torch.Tensor) -> None:
+        self.obs[self.n_obs] = obs
+        self.n_obs += 1
+        self.episode_start = self.n_steps
+
+    def add(self, action: torch.Tensor, reward: float, terminated: bool, next_obs: torch.Tensor) -> None:
+        i = self.n_steps
+        self.steps[i, :-3] = action
+        self.steps[i, -3:] = torch.tensor([reward, float(terminated), 0.0])
+        self.rows[:, i] = torch.tensor([self.n_obs - 1, self.n_obs])
+        self.obs[self.n_obs] = next_obs
+        self.n_obs += 1
+        self.n_steps += 1
+
+    def end_episode(self, terminated: bool, discount: float, failure_reward: float | None) -> None:
+        """The episode's transitions become sampleable, with their returns-to-go."""
+        first, end = self.episode_start, self.n_steps
+        rewards = self.steps[first:end, -3].cpu().numpy()
+        self.steps[first:end, -1] = torch.from_numpy(returns_to_go(rewards, [end - first], discount, failure_reward))
+        if NEEDS_NEXT_ACTION and not terminated:
+            end -= 1
+        self.index[self.n_index : self.n_index + end - first] = torch.arange(first, end)
+        self.n_index += end - first
+        self.episode_start = self.n_steps
+
+    def online_state(self) -> dict:
+        return {
+            "obs": self.obs[self.offline_rows : self.n_obs].cpu(),
+            "steps": self.steps[self.offline_steps : self.n_steps].cpu(),
+            "rows": self.rows[:, self.offline_steps : self.n_steps].cpu(),
+            "index": self.index[self.n_offline : self.n_index].cpu(),
+            "episode_start": self.episode_start,
+        }
+
+    def load_online_state(self, state: dict) -> None:
+        self.n_obs = self.offline_rows + len(state["obs"])
+        self.n_steps = self.offline_steps + len(state["steps"])
+        self.n_index = self.n_offline + len(state["index"])
+        self.obs[self.offline_rows : self.n_obs] = state["obs"]
+        self.steps[self.offline_steps : self.n_steps] = state["steps"]
+        self.rows[:, self.offline_steps : self.n_steps] = state["rows"]
+        self.index[self.n_offline : self.n_index] = state["index"]
+        self.episode_start = state["episode_start"]
+
+
+def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device) -> tuple:
+    """(buffer, statistics): the episodes read and checked, rewards transformed, actions in [-1, 1], states
+    standardized; room for args.online_steps more transitions."""
+    space = dataset.action_space
+    if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        raise UserError(
+            f"dataset {dataset.id} has the action space {space}; {ALGO}.py needs bounded continuous (Box) actions"
+        )
+    if dataset.total_episodes == 0:
+        raise UserError(f"dataset {dataset.id} has no episodes")
+    low = space.low.astype(np.float32).ravel()
+    high = space.high.astype(np.float32).ravel()
+    obs_dim, act_dim = gym.spaces.flatdim(dataset.observation_space), len(low)
+    n = dataset.total_steps
+    n_offline_rows = n + dataset.total_episodes
+    capacity = n + args.online_steps
+    # an online step adds one observation, an online episode one more (its first): at most 2 per step, and 1
+    n_rows = n_offline_rows + (2 * args.online_steps + 1 if args.online_steps else 0)
+    numbers = n_rows * obs_dim + (capacity + 1) * (act_dim + 3) + 4 * capacity  # float32 and int64 (2 each)
+    check_memory(numbers, args.batch_size * (2 * obs_dim + 2 * act_dim + 4), device)
+    # allocated by torch, filled through numpy views (numpy's allocation made the first fill 4x slower)
+    obs_tensor = torch.empty(n_rows, obs_dim)
+    steps_tensor = torch.zeros(capacity + 1, act_dim + 3)
+    rows_tensor = torch.zeros(2, capacity, dtype=torch.int64)
+    index_tensor = torch.zeros(capacity, dtype=torch.int64)
+    obs, steps, rows = obs_tensor.numpy(), steps_tensor.numpy(), rows_tensor.numpy()
+    returns, lengths = [], []
+    sampled = np.ones(n, bool)
+    t = 0  # transitions so far; episode k's observations start at row t + k
+    for k, episode in enumerate(read_episodes(dataset)):
+        T = len(episode.rewards)
+        x = flatten(dataset.observation_space, episode.observations)
+        actions = np.asarray(episode.actions)
+        if x.shape != (T + 1, obs_dim) or len(actions) != T or actions.size != T * act_dim or t + T > n:
+            raise UserError(
+                f"dataset {dataset.id}: episode {episode.id} does not match its spaces or size ({T} rewards, "
+                f"observations {x.shape}, actions {actions.shape}; expected ({T + 1}, {obs_dim}) and ({T}, {act_dim}), "
+                f"{n} steps in all)"
+            )
+        obs[t + k : t + k + T + 1] = x
+        steps[t : t + T, :-3] = actions.reshape(T, act_dim)
+        steps[t : t + T, -3] = episode.rewards
+        steps[t : t + T, -2] = episode.terminations
+        if not np.isfinite(x).all() or not np.isfinite(steps[t : t + T]).all():
+            bad = "observations" if not np.isfinite(x).all() else "actions or rewards"
+            raise UserError(
+                f"dataset {dataset.id}: episode {episode.id} has non-finite (NaN/inf) {bad}; repair it or leave it "
+                "out (minari's filter_episodes) before training."
+            )
+        steps[t : t + T, :-3] = scale_actions(steps[t : t + T, :-3], low, high)
+        rows[0, t : t + T] = np.arange(t + k, t + k + T)
+        if NEEDS_NEXT_ACTION and not episode.terminations[-1]:  # a time limit: the last step has no next action
+            sampled[t + T - 1] = False
+        returns.append(float(np.sum(episode.rewards, dtype=np.float64)))
+        lengths.append(T)
+        t += T
+    rows[1, :n] = rows[0, :n] + 1
+    kept = best_episodes(steps[:n, -3], lengths, args.discount, args.top_fraction)
+    sampled &= np.repeat(kept, lengths)
+    reward_scale, reward_bias = reward_transform(np.array(returns), args)
+    steps[:n, -3] = steps[:n, -3] * reward_scale + reward_bias
+    # AntMaze's 0/1 goal reward: an episode that never reached it earned the failure reward at every step
+    failure_reward = reward_bias if resolve_dataset_name(dataset.id)[1] == "antmaze" else None
+    steps[:n, -1] = returns_to_go(steps[:n, -3], lengths, args.discount, failure_reward)
+    n_index = int(sampled.sum())
+    index_tensor[:n_index] = torch.from_numpy(np.flatnonzero(sampled))
+    offline = obs_tensor[:n_offline_rows]
+    var, mean = torch.var_mean(offline[torch.from_numpy(np.repeat(kept, np.add(lengths, 1)))], dim=0, correction=0)
+    stats = {"obs_mean": mean, "obs_std": var.sqrt() + 1e-3}
+    if not args.normalize_states:
+        stats = {"obs_mean": torch.zeros_like(mean), "obs_std": torch.ones_like(mean)}
+    stats.update(action_low=torch.from_numpy(low), action_high=torch.from_numpy(high))
+    stats.update(reward_scale=reward_scale, reward_bias=reward_bias, failure_reward=failure_reward)
+    # (s - mean) / std as s * (1 / std) - mean / std, in place
+    torch.addcmul(-stats["obs_mean"] / stats["obs_std"], offline, 1 / stats["obs_std"], out=offline)
+    tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
+    generator = torch.Generator(device).manual_seed(args.seed)
+    return Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows), stats
+
+
+def best_episodes(rewards: np.ndarray, lengths: list, discount: float, fraction: float) -> np.ndarray:
+    """All episodes, or the fraction (at least one) of highest discounted raw return: CORL's any_percent_bc.py, but
+    by episode, not cut at every 1000 steps."""
+    kept = np.ones(len(lengths), bool)
+    if fraction < 1:
+        starts = np.cumsum(lengths) - np.asarray(lengths)
+        order = np.argsort(-returns_to_go(rewards, lengths, discount, None)[starts], kind="stable")
+        kept[order[max(1, int(fraction * len(lengths))) :]] = False
+    return kept
+
+
+def read_episodes(dataset: minari.MinariDataset):
+    """The episodes; one that cannot be read is a clear error."""
+    episodes = dataset.iterate_episodes()
+    for k in range(dataset.total_episodes):
+        try:
+            yield next(episodes)
+        except (KeyError, ValueError, TypeError, OSError, StopIteration) as e:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            raise UserError(
+                f"dataset {dataset.id}: episode {k} cannot be read ({why}); the dataset is damaged"
+            ) from None
+
+
+def check_memory(buffer_numbers: int, batch_numbers: int, device: torch.device) -> None:
+    """The buffer and a batch must fit in memory: refused before anything is allocated."""
+    try:
+        if device.type == "cuda":
+            memory = torch.cuda.mem_get_info(device)[0]
+        else:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no way to tell here (Windows)
+        return
+    if 4 * (buffer_numbers + batch_numbers) > memory:
+        sizes = f"{4 * buffer_numbers / 2**30:.1f} GiB of data and {4 * batch_numbers / 2**30:.1f} GiB per batch"
+        raise UserError(
+            f"{sizes} do not fit in the {memory / 2**30:.1f} GiB of {device}: lower --batch-size or --online-steps"
+        )
+
+
+def returns_to_go(rewards: np.ndarray, lengths: list, discount: float, failure_reward: float | None) -> np.ndarray:
+    """Discounted returns-to-go within each episode (Cal-QL's bound); an episode of failure rewards only counts as
+    endless: failure_reward / (1 - discount)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    ends = np.cumsum(lengths)
+    to_end = np.repeat(ends, lengths) - 1 - np.arange(len(rewards))  # steps left in the episode after t
+    order = np.argsort(to_end, kind="stable")
+    bounds = np.searchsorted(to_end[order], np.arange(max(lengths, default=0) + 1))
+    g = rewards.copy()
+    for k in range(1, len(bounds) - 1):  # every episode at once, backwards: all t with k steps left
+        t = order[bounds[k] : bounds[k + 1]]
+        g[t] += discount * g[t + 1]
+    if failure_reward is not None:
+        failed = np.logical_and.reduceat(rewards == failure_reward, ends - np.asarray(lengths))
+        g[np.repeat(failed, lengths)] = failure_reward / (1 - discount)
+    return g.astype(np.float32)
+
+
+def reward_transform(episode_returns: np.ndarray, args: Args) -> tuple:
+    """(scale, bias) of the rewards; normalize_reward: 1000 / (max - min episode return), IQL's locomotion rule."""
+    if not args.normalize_reward:
+        return args.reward_scale, args.reward_bias
+    spread = episode_returns.max() - episode_returns.min()
+    if spread <= 1e-3 * max(np.abs(episode_returns).max(), 1.0):
+        print(f"warning: every episode returns about {episode_returns.max():.4g}: rewards are not normalized")
+        return args.reward_scale, args.reward_bias
+    return 1000.0 / spread * args.reward_scale, args.reward_bias
+
+
+def scale_actions(actions, low, high):
+    """[low, high] -> [-1, 1], clipped to 1 - 1e-5 (finite log-likelihoods at the bounds)."""
+    return np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1 + 1e-5, 1 - 1e-5)
+
+
+# -------- Evaluation: vectorized envs, deterministic actions, Minari normalized score --------
+def make_eval_env(dataset: minari.MinariDataset, **kwargs) -> gym.Env:
+    """The dataset's evaluation env (its episode limit), flattened; made only as gymnasium registered it."""
+    spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+    if spec.id not in gym.registry:
+        importlib.import_module("gymnasium_robotics")  # registers Adroit, the mazes, kitchen
+    registered = gym.registry.get(spec.id)
+    if registered is None or spec.entry_point != registered.entry_point or spec.additional_wrappers:
+        raise UserError(
+            f"dataset {dataset.id} makes its env {spec.id} with {spec.entry_point!r}, not as gymnasium registered it: "
+            "that would run a function the dataset names (docs/trust.md)"
+        )
+    return gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True, **kwargs))
+
+
+def make_eval_envs(dataset: minari.MinariDataset, n: int, obs_dim: int, act_dim: int) -> gym.vector.VectorEnv:
+    envs = gym.vector.SyncVectorEnv([lambda: make_eval_env(dataset)] * n)
+    env_sizes = (gym.spaces.flatdim(envs.single_observation_space), *envs.single_action_space.shape)
+    if env_sizes != (obs_dim, act_dim):
+        raise UserError(
+            f"the evaluation env of {dataset.id} has observation and action sizes {env_sizes}, the dataset "
+            f"{(obs_dim, act_dim)}: they do not match"
+        )
+    return envs
+
+
+class Policy(nn.Module):
+    """The deterministic policy as the env sees it: raw flat observations in, env actions out."""
+
+    def __init__(self, actor: nn.Module, stats: dict):
+        super().__init__()
+        self.actor = actor
+        for name in ("obs_mean", "obs_std", "action_low", "action_high"):
+            self.register_buffer(name, stats[name].clone())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        action = self.actor((obs - self.obs_mean) / self.obs_std).clamp(-1.0, 1.0)
+        return self.action_low + (action + 1.0) * 0.5 * (self.action_high - self.action_low)
+
+
+def numpy_policy(policy: nn.Module, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        return policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+
+    return act
+
+
+def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
+    """One episode per sub-env, all in lockstep (a finished sub-env's later episodes do not count): returns,
+    lengths, success (None if the env never reports it)."""
+    obs, _ = envs.reset(seed=seeds)
+    returns = np.zeros(envs.num_envs)
+    lengths = np.zeros(envs.num_envs, np.int64)
+    done = np.zeros(envs.num_envs, bool)
+    success = None
+    while not done.all():
+        obs, reward, terminated, truncated, info = envs.step(policy(obs))
+        returns += np.where(done, 0.0, reward)
+        lengths += ~done
+        if "success" in info:
+            reported = info["success"].astype(bool) & info["_success"] & ~done
+            success = reported if success is None else success | reported
+        done |= terminated | truncated
+    return returns, lengths, success
+
+
+def normalized_scores(dataset: minari.MinariDataset, returns: np.ndarray) -> np.ndarray | None:
+    """Normalized scores (D4RL's, x 100); None without reference scores."""
+    if dataset.storage.metadata.get("ref_min_score") is None:
+        return None
+    return np.asarray(minari.get_normalized_score(dataset, returns)) * 100
+
+
+def evaluation_seeds(seed: int, step: int, episodes: int) -> list:
+    """The same for a run, its resumed run and policy.py."""
+    return [int(s) for s in np.random.SeedSequence([seed, step]).generate_state(episodes)]
+
+
+def record_video(dataset, policy, seed: int, file: Path) -> str | None:
+    """One episode as a GIF; or why not."""
+    try:
+        env = make_eval_env(dataset, render_mode="rgb_array")
+        obs, _ = env.reset(seed=seed)
+        frames = [Image.fromarray(env.render())]
+        done = False
+        while not done:
+            obs, _, terminated, truncated, _ = env.step(policy(obs[None])[0])
+            frames.append(Image.fromarray(env.render()))
+            done = terminated or truncated
+        file.parent.mkdir(parents=True, exist_ok=True)
+        frames[0].save(file, save_all=True, append_images=frames[1:], duration=33, loop=0)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        hint = "pip install pygame (it draws the classic-control envs)" if "pygame" in why else "MuJoCo: MUJOCO_GL=egl"
+        return f"--capture-video: this env cannot render here ({why}). {hint}; the run goes on without videos."
+
+
+# -------- Online fine-tuning --------
+class OnlinePhase:
+    """Online steps with explore() in an env built like the evaluation env; a resumed run starts a new episode."""
+
+    def __init__(self, dataset, buffer: Buffer, stats: dict, args: Args, device: torch.device, state: dict | None):
+        self.env = make_eval_env(dataset)
+        self.buffer, self.stats, self.args, self.device = buffer, stats, args, device
+        self.episodes = [] if state is None else state["episodes"]  # return, length, success of each
+        if state is not None:
+            buffer.load_online_state(state["buffer"])
+            if buffer.n_steps > buffer.episode_start:
+                buffer.end_episode(False, args.discount, stats["failure_reward"])
+        self.start_episode()
+
+    def start_episode(self) -> None:
+        seed = int(np.random.SeedSequence([self.args.seed, len(self.episodes), 1]).generate_state(1)[0])
+        self.obs = self.standardize(self.env.reset(seed=seed)[0])
+        self.buffer.start_episode(self.obs)
+        self.episode = {"return": 0.0, "length": 0, "success": None}
+
+    def standardize(self, obs: np.ndarray) -> torch.Tensor:
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        return (obs - self.stats["obs_mean"].to(self.device)) / self.stats["obs_std"].to(self.device)
+
+    @torch.no_grad()
+    def step(self, nets: dict) -> dict | None:
+        """One env step; the episode's return, length and success when it ends."""
+        nets["actor"].eval()
+        action = explore(nets, self.obs[None], self.args)[0].clamp(-1 + 1e-5, 1 - 1e-5)  # as the data's actions
+        nets["actor"].train()
+        low, high = self.stats["action_low"], self.stats["action_high"]
+        env_action = low + (action.cpu() + 1.0) * 0.5 * (high - low)
+        obs, reward, terminated, truncated, info = self.env.step(env_action.numpy())
+        self.obs = self.standardize(obs)
+        self.buffer.add(action, reward * self.stats["reward_scale"] + self.stats["reward_bias"], terminated, self.obs)
+        self.episode["return"] += float(reward)
+        self.episode["length"] += 1
+        if "success" in info:
+            self.episode["success"] = bool(self.episode["success"] or info["success"])
+        if not (terminated or truncated):
+            return None
+        self.buffer.end_episode(terminated, self.args.discount, self.stats["failure_reward"])
+        self.episodes.append(self.episode)
+        ended = self.episode
+        self.start_episode()
+        return ended
+
+    def summary(self) -> dict:
+        """Episodes, success rate and the cumulative regret, 1 - success rate (CORL's)."""
+        successes = [e["success"] for e in self.episodes if e["success"] is not None]
+        rate = float(np.mean(successes)) if successes else None
+        return {
+            "episodes": len(self.episodes),
+            "env_steps": self.buffer.n_steps - self.buffer.offline_steps,
+            "success_rate": rate,
+            "regret": None if rate is None else 1.0 - rate,
+        }
+
+    def state(self) -> dict:
+        return {"buffer": self.buffer.online_state(), "episodes": self.episodes}
+
+
+# -------- TRY NOT TO MODIFY: configuration and resume --------
+def parse_args(argv: list) -> tuple:
+    """(args, checkpoint): Args defaults < settings tables < --config < flags; or a resumed run's."""
+    args = tyro.cli(Args, args=argv, description=__doc__)
+    if args.resume:
+        return resume_args(argv, args.resume)
+    config = config_flags(args.config)
+    online = tyro.cli(Args, args=[*config, *argv]).online_steps > 0
+    settings = tuned_settings(args.env, online)
+    tables = "DOMAIN_SETTINGS, DATASET_SETTINGS" + (", FINETUNE_SETTINGS" if online else "")
+    print(f"settings for {args.env} ({tables}): {settings or 'none (Args defaults)'}")
+    return validate(tyro.cli(Args, args=[*as_flags(settings), *config, *argv])), None
+
+
+def tuned_settings(name: str, online: bool) -> dict:
+    """The rows of the settings tables for a dataset (FINETUNE_SETTINGS for a run that fine-tunes)."""
+    minari_id, domain = resolve_dataset_name(name)
+    settings = {**DOMAIN_SETTINGS.get(domain, {}), **DATASET_SETTINGS.get(minari_id, {})}
+    if online:
+        settings.update(FINETUNE_SETTINGS.get("all", {}))
+        settings.update(FINETUNE_SETTINGS.get(domain, {}))
+    return settings
+
+
+def as_flags(settings: dict) -> list:
+    """{"beta": 0.5, "layer_norm": True} -> ["--beta", "0.5", "--layer-norm"], checked by tyro like flags."""
+    flags = []
+    for key, value in settings.items():
+        name = str(key).replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def config_flags(path: str | None) -> list:
+    """A --config YAML file as flags, parsed alone first, so that an error names the file."""
+    if path is None:
+        return []
+    try:
+        flags = as_flags(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+        tyro.cli(Args, args=flags)
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, SystemExit) as e:
+        detail = "" if isinstance(e, SystemExit) else f" ({str(e)[:200]})"
+        raise UserError(
+            f"in --config {path}: expected a UTF-8 YAML mapping of Args fields, read like flags{detail}"
+        ) from None
+    return flags
+
+
+def validate(args: Args) -> Args:
+    """The run's settings, then the algorithm's (check_args), before any data is loaded."""
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UserError("--track logs to Weights & Biases, which is not installed: pip install wandb (or drop --track)")
+    problems = []
+    if args.total_steps <= 0 or args.batch_size <= 0 or args.online_steps < 0:
+        problems.append("total_steps and batch_size must be > 0, online_steps >= 0")
+    if args.eval_episodes < 0:
+        problems.append("eval_episodes must be >= 0")
+    if min(args.eval_every, args.log_every, args.checkpoint_every, args.keep_checkpoints) <= 0:
+        problems.append("eval_every, log_every, checkpoint_every and keep_checkpoints must be > 0")
+    if args.capture_video and args.eval_episodes == 0:
+        problems.append("--capture-video needs evaluation episodes")
+    if args.mixing_ratio is not None and not 0 <= args.mixing_ratio <= 1:
+        problems.append("mixing_ratio must be in [0, 1] (or None: uniform)")
+    if not 0 < args.top_fraction <= 1:
+        problems.append("top_fraction must be in (0, 1]")
+    if args.run_name is not None and (Path(args.run_name).name != args.run_name or args.run_name in ("", ".", "..")):
+        problems.append("run_name must be a folder name, inside --output (no '/' or '..')")
+    problems += check_args(args)
+    if problems:
+        raise UserError(f"invalid hyperparameters: {'; '.join(problems)}.")
+    return args
+
+
+def resume_args(argv: list, path: str) -> tuple:
+    """(args, checkpoint) of a run to resume: only --device may change, and --total-steps (--online-steps) grow."""
+    file = Path(path) / "checkpoints" / "last.pt" if Path(path).is_dir() else Path(path)
+    if file.parent.name != "checkpoints" or file.name == "best.pt":
+        raise UserError(f"--resume {path}: give a run folder, or a last.pt or step_<N>.pt in its checkpoints/ folder")
+    ckpt = read_checkpoint(file)
+    saved = Args(**ckpt["args"])
+    given = tyro.cli(Args, args=argv, default=saved)
+    extend = "online_steps" if saved.online_steps else "total_steps"
+    changed = []
+    for key, value in dataclasses.asdict(saved).items():
+        grows = key == extend and getattr(given, key) > value
+        if getattr(given, key) != value and key not in ("resume", "device") and not grows:
+            changed.append(f"{key} ({value} -> {getattr(given, key)})")
+    if changed:
+        raise UserError(
+            f"--resume keeps the run's dataset and hyperparameters; cannot change {', '.join(changed)} (only --device, "
+            f"and a larger --{extend.replace('_', '-')} to train further)"
+        )
+    args = dataclasses.replace(given, resume=str(file.parent.parent))
+    if ckpt["step"] >= args.total_steps + args.online_steps:
+        print(
+            f"{file.parent.parent} is finished (step {ckpt['step']}). To train further: --resume {file.parent.parent} "
+            f"--{extend.replace('_', '-')} N, with N larger than {getattr(saved, extend)}."
+        )
+        sys.exit(0)
+    return validate(args), ckpt
+
+
+def read_checkpoint(file: Path) -> dict:
+    """This script's checkpoint, weights-only (it cannot run code); a damaged one names the newest readable."""
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        if ckpt["algo"] != ALGO:
+            raise UserError(f"--resume {file}: it is a checkpoint of {ckpt['algo']}.py, not of {ALGO}.py")
+        Args(**ckpt["args"])
+        return ckpt
+    except UserError:
+        raise
+    except Exception as e:
+        why = "it needs code to load" if "weights_only" in str(e) else f"{type(e).__name__}: {str(e)[:200]}"
+        hint = ""
+        for older in sorted(file.parent.glob("step_*.pt"), key=lambda p: -int(p.stem[5:])):
+            if older != file and not hint and older.stat().st_size > 0:
+                with contextlib.suppress(Exception):
+                    torch.load(older, map_location="cpu", weights_only=True)
+                    hint = f" The newest readable checkpoint: --resume {older}"
+        raise UserError(f"--resume {file}: not a readable {ALGO}.py checkpoint ({why}).{hint}") from None
+
+
+def main(argv: list) -> None:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # --capture-video: MuJoCo renders offscreen
+    sys.stdout = Console(sys.stdout)  # and into <run>/console.log
+    try:
+        args, ckpt = parse_args(argv)
+        train(args, ckpt)
+    finally:
+        sys.stdout.copy.close()
+        sys.stdout = sys.stdout.stdout
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (UserError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 3)
+# ======== SHARED BLOCK ends ========
