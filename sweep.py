@@ -1,7 +1,7 @@
 """Grids of offline RL runs (algorithms x datasets x seeds) as Ray tasks, on this machine or on a Ray cluster.
 
-Each run is one Ray task that starts the unchanged script (iql.py, cql.py, td3_bc.py, rebrac.py, bc.py, awac.py) as a
-subprocess; the scripts never import Ray. Run folders are fixed by the grid, <output>/<env>__<algo>__<seed>, so
+Each run is one Ray task that starts the unchanged script (iql.py, cql.py, td3_bc.py, rebrac.py, bc.py, awac.py, dt.py)
+as a subprocess; the scripts never import Ray. Run folders are fixed by the grid, <output>/<env>__<algo>__<seed>, so
 launching the same grid again skips completed runs and resumes interrupted ones from their checkpoints/last.pt. Without
 --address Ray starts on this machine; with --address the same command runs on a Ray cluster (`ray start`, SLURM,
 Kubernetes). Ctrl-C stops every run cleanly: each script gets SIGTERM, writes its checkpoint and exits. Results: `python
@@ -32,7 +32,7 @@ import yaml
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
-ALGOS = ("iql", "cql", "td3_bc", "rebrac", "bc", "awac")
+ALGOS = ("iql", "cql", "td3_bc", "rebrac", "bc", "awac", "dt")
 MARKER = ".sweep_running"  # "<host> <pid>" of the script while a task runs it; removed when the script has exited
 FORWARDED_ENV = ("MINARI_DATASETS_PATH", "MUJOCO_GL", "HF_HUB_OFFLINE", "WANDB_PROJECT")  # driver -> every run
 
@@ -43,7 +43,7 @@ class Args:
     # scripts for every run and per algorithm; flags on the command line override the file
     grid: Annotated[str | None, tyro.conf.Positional, tyro.conf.arg(metavar="[GRID.yaml]")] = None
     # the scripts
-    algos: list[Literal["iql", "cql", "td3_bc", "rebrac", "bc", "awac"]] = field(default_factory=lambda: ["iql"])
+    algos: list[Literal["iql", "cql", "td3_bc", "rebrac", "bc", "awac", "dt"]] = field(default_factory=lambda: ["iql"])
     envs: list[str] = field(default_factory=list)  # datasets as --env takes them (door-human-v2, local/pendulum/...)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # seeds (CORL's protocol: 4)
     total_steps: int | None = None  # gradient steps of every run; default: the scripts' own (1M)

@@ -340,3 +340,17 @@ def test_the_exported_policy_takes_the_window_and_drives_the_env_from_an_empty_f
         obs, reward, *_ = env.step(expected[-1])
         rewards = np.array([reward])
     np.testing.assert_allclose(np.load(empty / "actions.npy"), np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_collect_records_with_a_checkpoint_that_keeps_each_episodes_context(pendulum, tmp_path):
+    """collect.py --policy checkpoint: each recorded action is the context policy's on the episode's steps so far."""
+    import collect
+
+    policy = script_checkpoint("dt", tmp_path / "c.pt", 3, low=[-2.0], high=[2.0], target_returns=(-300.0,))
+    argv = ["--policy", "checkpoint", "--checkpoint", tmp_path / "c.pt", "--episodes", 2, "--ref-episodes", 1]
+    dataset = collect.main([str(a) for a in [*argv, "--dataset-id", "local/pendulum/dt-v0"]])
+    act = dt.numpy_policies(policy.eval(), {}, CPU)["target_-300"]
+    for episode in dataset.iterate_episodes():
+        rewards = [None, *(np.array([r]) for r in episode.rewards[:-1])]
+        expected = [act(obs[None], r)[0] for obs, r in zip(episode.observations[:-1], rewards, strict=True)]
+        np.testing.assert_allclose(episode.actions, expected, rtol=1e-5, atol=1e-5)
