@@ -411,11 +411,11 @@ def explore(nets: dict, obs: torch.Tensor, args: Args) -> torch.Tensor:
 # ======== SHARED BLOCK (loop) begins ========
 # The loop and the shared block after the algorithm are the same in every script: edit them in iql.py, then run
 # `python tools/shared_block.py --fix`. They use of the algorithm: ALGO, NEEDS_NEXT_ACTION (batches carry the next
-# action), SEQUENCE_MODEL (batches are segments of args.seq_len steps; the actor acts on its episode's recent steps and
-# makes its own numpy policies: dt.py), Args (with discount, normalize_states, normalize_reward, reward_scale,
-# reward_bias, mixing_ratio), check_args, DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict
-# of modules; "actor": states to actions in [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update
-# (update(batch, step) -> a dict of detached tensors) and explore (the online behaviour policy).
+# action), SEQUENCE_MODEL (batches are segments of args.seq_len steps; the actor makes its numpy_policies: dt.py),
+# Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio), check_args,
+# DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; "actor": states to actions in
+# [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a dict of detached
+# tensors) and explore (the online behaviour policy).
 def train(args: Args, ckpt: dict | None = None) -> None:
     """Sample a batch, update, log, evaluate, checkpoint; online (after total_steps), an env step first."""
     # data, networks, optimizers, envs and the run folder; on --resume, as the checkpoint left them
@@ -539,7 +539,7 @@ class Run:
         started = time.time()
         self.nets["actor"].eval()
         seeds = evaluation_seeds(self.args.seed, step, self.args.eval_episodes)
-        # an evaluation per condition of the policy (dt.py: per target return); the first one's is the run's score
+        # one per condition (dt.py: target return); the first is the run's score
         outcomes = {name: evaluate(self.envs, act, seeds) for name, act in self.policies.items()}
         returns, lengths, success = next(iter(outcomes.values()))
         scores = normalized_scores(self.dataset, returns)
@@ -550,15 +550,12 @@ class Run:
         for tag in ("return", "length", "normalized_score", "success"):
             if result[tag] is not None:
                 self.writer.add_scalar(f"eval/{tag}", result[tag], step)
-        if len(outcomes) > 1:
+        if len(outcomes) > 1:  # each condition's mean score (return without reference scores)
             result["conditions"] = {}
-            for name, (condition_returns, _, _) in outcomes.items():
-                condition_scores = normalized_scores(self.dataset, condition_returns)
-                values = {"return": float(condition_returns.mean())}
-                values["normalized_score"] = None if condition_scores is None else float(condition_scores.mean())
-                result["conditions"][name] = values
-                for tag in [tag for tag, value in values.items() if value is not None]:
-                    self.writer.add_scalar(f"eval/{name}/{tag}", values[tag], step)
+            for name, (r, _, _) in outcomes.items():
+                result["conditions"][name] = float((r if scores is None else normalized_scores(self.dataset, r)).mean())
+                tag = f"eval/{name}/{'return' if scores is None else 'normalized_score'}"
+                self.writer.add_scalar(tag, result["conditions"][name], step)
         if self.args.capture_video:
             act = next(iter(self.policies.values()))
             problem = record_video(self.dataset, act, seeds[0], self.run_dir / "videos" / f"step_{step}.gif")
@@ -575,8 +572,8 @@ class Run:
         x = returns if scores is None else scores
         line = f"{'return' if scores is None else 'normalized score'} {x.mean():.1f} ± {x.std():.1f}"
         line += "" if success is None else f", success {success.mean():.2f}"
-        for name, values in result.get("conditions", {}).items():
-            line += f", {name} {values['return' if scores is None else 'normalized_score']:.1f}"
+        for name, value in result.get("conditions", {}).items():
+            line += f", {name} {value:.1f}"
         line += "" if self.window["sps"] is None else f", {self.window['sps']:.0f} steps/s"
         elapsed = datetime.timedelta(seconds=round(time.time() - self.started))
         total = self.args.total_steps + self.args.online_steps
@@ -886,7 +883,7 @@ class Buffer:
     offline_steps: int
     offline_rows: int
     episode_starts: torch.Tensor  # (episodes + 1,): the first transition of each offline episode, then offline_steps
-    seq_len: int  # > 0: sample() draws segments of seq_len steps (SEQUENCE_MODEL)
+    seq_len: int  # > 0: sample() draws segments of seq_len steps
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
@@ -917,9 +914,8 @@ class Buffer:
         }
 
     def sample_segments(self, batch_size: int) -> dict:
-        """seq_len steps of an episode from a uniform transition on (episodes drawn in proportion to their length, as
-        the Decision Transformer's code does), zeros past the episode's end; timesteps from its start, mask of real
-        steps."""
+        """seq_len steps from a uniform transition on (episodes in proportion to their length), zeros past its episode's
+        end, with timesteps and the mask of real steps."""
         i = self.draw(batch_size)
         episode = self.rows[0, i] - i  # episode k's observations start at row first + k
         first, end = self.episode_starts[episode, None], self.episode_starts[episode + 1, None]
@@ -1165,9 +1161,8 @@ def make_eval_envs(dataset: minari.MinariDataset, n: int, obs_dim: int, act_dim:
 
 
 class Policy(nn.Module):
-    """The deterministic policy as the env sees it: raw flat observations in, env actions out. A sequence model's
-    (dt.py) obs is its episode's recent states (B, K, obs_dim) and its context the actions taken there (env units, the
-    last one a placeholder), then what else its actor reads."""
+    """The deterministic policy as the env sees it: raw flat observations in, env actions out. dt.py's obs are its
+    episode's last states (B, K, obs_dim), the context the actions taken (env units), then what else its actor reads."""
 
     def __init__(self, actor: nn.Module, stats: dict):
         super().__init__()
@@ -1183,8 +1178,7 @@ class Policy(nn.Module):
 
 
 def numpy_policies(policy: Policy, stats: dict, device: torch.device) -> dict:
-    """{condition: act}, act(obs, rewards) -> actions on numpy arrays, rewards those of the step before (None: new
-    episodes). One condition; a sequence model's actor keeps each episode's recent steps, one act per target return."""
+    """{condition: act}, act(obs, rewards of the step before, None at new episodes) -> actions, on numpy arrays."""
     if SEQUENCE_MODEL:
         return policy.actor.numpy_policies(policy, stats, device)
 
