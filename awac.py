@@ -51,6 +51,7 @@ except ImportError:  # Windows: no lock
 
 ALGO = "awac"
 NEEDS_NEXT_ACTION = False  # the update reads (s, a, r, s', done) only: every transition is sampled
+SEQUENCE_MODEL = False  # batches of transitions; the actor acts on each observation alone
 
 
 @dataclasses.dataclass
@@ -262,10 +263,11 @@ def explore(nets: dict, obs: torch.Tensor, args: Args) -> torch.Tensor:
 # ======== SHARED BLOCK (loop) begins ========
 # The loop and the shared block after the algorithm are the same in every script: edit them in iql.py, then run
 # `python tools/shared_block.py --fix`. They use of the algorithm: ALGO, NEEDS_NEXT_ACTION (batches carry the next
-# action), Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio),
-# check_args, DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; "actor": states
-# to actions in [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a
-# dict of detached tensors) and explore (the online behaviour policy).
+# action), SEQUENCE_MODEL (batches are segments of args.seq_len steps; the actor makes its numpy_policies: dt.py),
+# Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio), check_args,
+# DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; "actor": states to actions in
+# [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a dict of detached
+# tensors) and explore (the online behaviour policy).
 def train(args: Args, ckpt: dict | None = None) -> None:
     """Sample a batch, update, log, evaluate, checkpoint; online (after total_steps), an env step first."""
     # data, networks, optimizers, envs and the run folder; on --resume, as the checkpoint left them
@@ -322,7 +324,7 @@ class Run:
         self.run_dir, self.lock = make_run_dir(args)
         self.nets = {name: net.to(self.device) for name, net in make_networks(args, obs_dim, act_dim).items()}
         self.opts = make_optimizers(self.nets, args)
-        self.policy = numpy_policy(Policy(self.nets["actor"], self.stats).to(self.device), self.device)
+        self.policies = numpy_policies(Policy(self.nets["actor"], self.stats).to(self.device), self.stats, self.device)
         self.step, self.history, self.clock, self.online = 0, [], {"wall": 0.0, "train_seconds": 0.0}, None
         if ckpt is not None:
             for name, obj in {**self.nets, **self.opts}.items():
@@ -389,7 +391,9 @@ class Run:
         started = time.time()
         self.nets["actor"].eval()
         seeds = evaluation_seeds(self.args.seed, step, self.args.eval_episodes)
-        returns, lengths, success = evaluate(self.envs, self.policy, seeds)
+        # one per condition (dt.py: target return); the first is the run's score
+        outcomes = {name: evaluate(self.envs, act, seeds) for name, act in self.policies.items()}
+        returns, lengths, success = next(iter(outcomes.values()))
         scores = normalized_scores(self.dataset, returns)
         result = {"step": step, "return": float(returns.mean()), "return_std": float(returns.std())}
         result["length"] = float(lengths.mean())
@@ -398,8 +402,15 @@ class Run:
         for tag in ("return", "length", "normalized_score", "success"):
             if result[tag] is not None:
                 self.writer.add_scalar(f"eval/{tag}", result[tag], step)
+        if len(outcomes) > 1:  # each condition's mean score (return without reference scores)
+            result["conditions"] = {}
+            for name, (r, _, _) in outcomes.items():
+                result["conditions"][name] = float((r if scores is None else normalized_scores(self.dataset, r)).mean())
+                tag = f"eval/{name}/{'return' if scores is None else 'normalized_score'}"
+                self.writer.add_scalar(tag, result["conditions"][name], step)
         if self.args.capture_video:
-            problem = record_video(self.dataset, self.policy, seeds[0], self.run_dir / "videos" / f"step_{step}.gif")
+            act = next(iter(self.policies.values()))
+            problem = record_video(self.dataset, act, seeds[0], self.run_dir / "videos" / f"step_{step}.gif")
             if problem:
                 tqdm.write(problem)
                 self.args.capture_video = False
@@ -413,6 +424,8 @@ class Run:
         x = returns if scores is None else scores
         line = f"{'return' if scores is None else 'normalized score'} {x.mean():.1f} ± {x.std():.1f}"
         line += "" if success is None else f", success {success.mean():.2f}"
+        for name, value in result.get("conditions", {}).items():
+            line += f", {name} {value:.1f}"
         line += "" if self.window["sps"] is None else f", {self.window['sps']:.0f} steps/s"
         elapsed = datetime.timedelta(seconds=round(time.time() - self.started))
         total = self.args.total_steps + self.args.online_steps
@@ -721,6 +734,8 @@ class Buffer:
     n_obs: int
     offline_steps: int
     offline_rows: int
+    episode_starts: torch.Tensor  # (episodes + 1,): the first transition of each offline episode, then offline_steps
+    seq_len: int  # > 0: sample() draws segments of seq_len steps
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
@@ -734,6 +749,8 @@ class Buffer:
         return self.index[torch.cat([offline, online])]
 
     def sample(self, batch_size: int, offline_share: float | None = None) -> dict:
+        if self.seq_len:
+            return self.sample_segments(batch_size)
         i = self.draw(batch_size, offline_share)
         obs, next_obs = self.obs[self.rows[:, i]]
         steps = self.steps[i]
@@ -746,6 +763,24 @@ class Buffer:
             "dones": steps[:, -2],
             "returns_to_go": steps[:, -1],
             "next_actions": self.steps[i + 1, :act_dim],  # meaningless where the episode ended
+        }
+
+    def sample_segments(self, batch_size: int) -> dict:
+        """seq_len steps from a uniform transition on (episodes in proportion to their length), zeros past its episode's
+        end, with timesteps and the mask of real steps."""
+        i = self.draw(batch_size)
+        episode = self.rows[0, i] - i  # episode k's observations start at row first + k
+        first, end = self.episode_starts[episode, None], self.episode_starts[episode + 1, None]
+        t = i[:, None] + torch.arange(self.seq_len, device=i.device)
+        mask = t < end
+        steps = self.steps[torch.minimum(t, end - 1)] * mask[..., None]
+        obs = self.obs[self.rows[0, torch.minimum(t, end - 1)]] * mask[..., None]
+        return {
+            "obs": obs,
+            "actions": steps[..., :-3],
+            "returns_to_go": steps[..., -1],
+            "timesteps": t - first,
+            "mask": mask.float(),
         }
 
     def start_episode(self, obs: torch.Tensor) -> None:
@@ -855,7 +890,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     reward_scale, reward_bias = reward_transform(np.array(returns), args)
     steps[:n, -3] = steps[:n, -3] * reward_scale + reward_bias
     # AntMaze's 0/1 goal reward: an episode that never reached it earned the failure reward at every step
-    failure_reward = reward_bias if resolve_dataset_name(dataset.id)[1] == "antmaze" else None
+    failure_reward = reward_bias if resolve_dataset_name(dataset.id)[1] == "antmaze" and args.discount < 1 else None
     steps[:n, -1] = returns_to_go(steps[:n, -3], lengths, args.discount, failure_reward)
     n_index = int(sampled.sum())
     index_tensor[:n_index] = torch.from_numpy(np.flatnonzero(sampled))
@@ -866,11 +901,15 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
         stats = {"obs_mean": torch.zeros_like(mean), "obs_std": torch.ones_like(mean)}
     stats.update(action_low=torch.from_numpy(low), action_high=torch.from_numpy(high))
     stats.update(reward_scale=reward_scale, reward_bias=reward_bias, failure_reward=failure_reward)
+    stats["best_return"] = max(returns)  # of an episode, raw (dt.py's default target return)
     # (s - mean) / std as s * (1 / std) - mean / std, in place
     torch.addcmul(-stats["obs_mean"] / stats["obs_std"], offline, 1 / stats["obs_std"], out=offline)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
-    return Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows), stats
+    starts = torch.from_numpy(np.cumsum([0, *lengths])).to(device)
+    seq_len = args.seq_len if SEQUENCE_MODEL else 0
+    buffer = Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows, starts, seq_len)
+    return buffer, stats
 
 
 def best_episodes(rewards: np.ndarray, lengths: list, discount: float, fraction: float) -> np.ndarray:
@@ -974,7 +1013,8 @@ def make_eval_envs(dataset: minari.MinariDataset, n: int, obs_dim: int, act_dim:
 
 
 class Policy(nn.Module):
-    """The deterministic policy as the env sees it: raw flat observations in, env actions out."""
+    """The deterministic policy as the env sees it: raw flat observations in, env actions out. dt.py's obs are its
+    episode's last states (B, K, obs_dim), the context the actions taken (env units), then what else its actor reads."""
 
     def __init__(self, actor: nn.Module, stats: dict):
         super().__init__()
@@ -982,17 +1022,23 @@ class Policy(nn.Module):
         for name in ("obs_mean", "obs_std", "action_low", "action_high"):
             self.register_buffer(name, stats[name].clone())
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        action = self.actor((obs - self.obs_mean) / self.obs_std).clamp(-1.0, 1.0)
+    def forward(self, obs: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        if context:  # the actions taken, in the actor's [-1, 1]
+            context = (2.0 * (context[0] - self.action_low) / (self.action_high - self.action_low) - 1.0, *context[1:])
+        action = self.actor((obs - self.obs_mean) / self.obs_std, *context).clamp(-1.0, 1.0)
         return self.action_low + (action + 1.0) * 0.5 * (self.action_high - self.action_low)
 
 
-def numpy_policy(policy: nn.Module, device: torch.device):
+def numpy_policies(policy: Policy, stats: dict, device: torch.device) -> dict:
+    """{condition: act}, act(obs, rewards of the step before, None at new episodes) -> actions, on numpy arrays."""
+    if SEQUENCE_MODEL:
+        return policy.actor.numpy_policies(policy, stats, device)
+
     @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, rewards: np.ndarray | None = None) -> np.ndarray:
         return policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
 
-    return act
+    return {"": act}
 
 
 def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
@@ -1002,9 +1048,9 @@ def evaluate(envs: gym.vector.VectorEnv, policy, seeds: list) -> tuple:
     returns = np.zeros(envs.num_envs)
     lengths = np.zeros(envs.num_envs, np.int64)
     done = np.zeros(envs.num_envs, bool)
-    success = None
+    success, reward = None, None
     while not done.all():
-        obs, reward, terminated, truncated, info = envs.step(policy(obs))
+        obs, reward, terminated, truncated, info = envs.step(policy(obs, reward))
         returns += np.where(done, 0.0, reward)
         lengths += ~done
         if "success" in info:
@@ -1032,9 +1078,10 @@ def record_video(dataset, policy, seed: int, file: Path) -> str | None:
         env = make_eval_env(dataset, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
         frames = [Image.fromarray(env.render())]
-        done = False
+        done, rewards = False, None
         while not done:
-            obs, _, terminated, truncated, _ = env.step(policy(obs[None])[0])
+            obs, reward, terminated, truncated, _ = env.step(policy(obs[None], rewards)[0])
+            rewards = np.array([reward])
             frames.append(Image.fromarray(env.render()))
             done = terminated or truncated
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -1138,6 +1185,8 @@ def as_flags(settings: dict) -> list:
         name = str(key).replace("_", "-")
         if isinstance(value, bool):
             flags.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, list | tuple):
+            flags += [f"--{name}", *map(str, value)]
         else:
             flags += [f"--{name}", str(value)]
     return flags

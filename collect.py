@@ -319,14 +319,15 @@ def episode_seeds(seed: int, stream: int, n: int) -> list:
 
 # ---- Behaviour policies: an actor maps a flat observation to an action in [-1, 1] --------------------------------
 def behaviour(env: gym.Env, actor=None, noise: float = 0.0, epsilon: float = 0.0, seed: int = 0):
-    """env observation -> env action: the actor's action (uniform if there is no actor), with probability epsilon a
-    uniform action instead, plus N(0, noise^2) in [-1, 1] units, clipped, then mapped to [low, high]."""
+    """(env observation, the reward of the step before, None at an episode's start) -> env action: the actor's action
+    (uniform if there is no actor), with probability epsilon a uniform action instead, plus N(0, noise^2) in [-1, 1]
+    units, clipped, then mapped to [low, high]. The actor sees every observation and reward (dt.py's keeps them)."""
     rng, space = np.random.default_rng(seed), env.action_space
 
-    def act(obs) -> np.ndarray:
+    def act(obs, reward: float | None = None) -> np.ndarray:
+        a = None if actor is None else actor(flatten(env.observation_space, obs), reward).reshape(space.shape)
         if actor is None or rng.random() < epsilon:
             return to_env_action(space, rng.uniform(-1.0, 1.0, space.shape))
-        a = actor(flatten(env.observation_space, obs)).reshape(space.shape)
         if noise > 0:
             a = np.clip(a + noise * rng.standard_normal(space.shape), -1.0, 1.0)
         return to_env_action(space, a)
@@ -404,7 +405,7 @@ def teacher_policy(ckpt: dict, env: gym.Env, device):
     actor = actor.to(device).eval()
 
     @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, reward: float | None = None) -> np.ndarray:
         x = torch.as_tensor(obs, dtype=torch.float32, device=device)
         return torch.tanh(actor.mean(actor.trunk(x))).cpu().numpy().astype(np.float64)
 
@@ -412,10 +413,11 @@ def teacher_policy(ckpt: dict, env: gym.Env, device):
 
 
 def script_policy(path: str, env: gym.Env):
-    """An algorithm script's checkpoint, built by policy.py with the script's own networks: raw observation -> env
-    action, as an actor: flat observation -> action in [-1, 1]."""
+    """An algorithm script's checkpoint, built by policy.py with the script's own networks and acting functions (dt.py's
+    keeps its episode's steps, conditioned on its first target return), as an actor: (flat observation, reward of the
+    step before) -> action in [-1, 1]."""
     try:
-        module = policy_tool.load_policy(path)[0]
+        module, ckpt, _, script = policy_tool.load_policy(path)
     except Exception as e:
         if type(e).__name__ != "UserError":
             raise
@@ -428,7 +430,13 @@ def script_policy(path: str, env: gym.Env):
             f"the checkpoint takes observations of size {len(module.obs_mean)} and acts in [{low}, {high}], env "
             f"{env.spec.id} has {obs_dim} and [{space.low}, {space.high}]: it was trained for another env"
         )
-    return env_action_policy(module, space)
+    act = next(iter(script.numpy_policies(module, ckpt["normalization"], torch.device("cpu")).values()))
+
+    def actor(obs: np.ndarray, reward: float | None = None) -> np.ndarray:
+        action = act(obs[None], None if reward is None else np.array([reward]))[0].astype(np.float64)
+        return np.clip(2.0 * (action - space.low) / (space.high - space.low) - 1.0, -1.0, 1.0)
+
+    return actor
 
 
 def exported_policy(path: str, env: gym.Env):
@@ -454,7 +462,7 @@ def env_action_policy(policy, space: gym.spaces.Box):
     """A module from raw observations to env actions as an actor: flat observation -> action in [-1, 1]."""
 
     @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, reward: float | None = None) -> np.ndarray:
         action = policy(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy().astype(np.float64)
         return np.clip(2.0 * (action - space.low) / (space.high - space.low) - 1.0, -1.0, 1.0)
 
@@ -482,10 +490,10 @@ def rollout(env: gym.Env, policy, seeds: list, desc: str | None = None) -> tuple
     """One episode per reset seed; returns the episodes and their returns."""
     episodes = []
     for seed in tqdm(seeds, desc=desc, disable=desc is None, leave=False):
-        obs, done = env.reset(seed=seed)[0], False
+        obs, done, reward = env.reset(seed=seed)[0], False, None
         episode = new_episode(obs, seed)
         while not done:
-            action = policy(obs)
+            action = policy(obs, reward)
             obs, reward, terminated, truncated, _ = env.step(action)
             add_step(episode, action, obs, reward, terminated, truncated)
             done = terminated or truncated

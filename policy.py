@@ -109,7 +109,8 @@ def evaluate(cmd: Evaluate) -> dict:
     dataset = module.load_dataset(ckpt["minari_id"])
     module.check_dataset(dataset, ckpt, "policy.py evaluate")
     device = module.pick_device(cmd.device)
-    act = module.numpy_policy(policy.to(device), device)
+    acts = module.numpy_policies(policy.to(device), ckpt["normalization"], device)
+    act = next(iter(acts.values()))  # the run's score's condition (dt.py: the first target return)
     obs_dim, act_dim = len(policy.obs_mean), len(policy.action_low)
     envs = module.make_eval_envs(dataset, cmd.episodes, obs_dim, act_dim)
     seed = ckpt["args"]["seed"] if cmd.seed is None else cmd.seed
@@ -163,27 +164,47 @@ def export(cmd: Export) -> list:
         written = save_policy(policy, cmd.file, cmd.onnx)
     except OSError as e:
         raise UserError(f"cannot write {cmd.file}: {e}") from None
-    noise = torch.randn(100, len(policy.obs_mean), generator=torch.Generator().manual_seed(0))
-    obs = policy.obs_mean + policy.obs_std * noise
+    inputs = policy_inputs(policy, 100, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        gap = (load_exported_policy(cmd.file)(obs) - policy(obs)).abs().max().item()
+        gap = (load_exported_policy(cmd.file)(*inputs) - policy(*inputs)).abs().max().item()
     for name in written:
         print(f"wrote {name}")
     print(f"{ckpt['algo']}.py step {ckpt['step']}: exported actions match the checkpoint's (max difference {gap:.1e})")
     return written
 
 
+def policy_inputs(policy: torch.nn.Module, n: int, generator: torch.Generator | None = None) -> tuple:
+    """n random inputs of the data's scale: observations; for a sequence model's policy (an actor with a seq_len:
+    dt.py), windows of seq_len steps: states, the actions taken (env units), returns-to-go and timesteps."""
+    seq_len = getattr(policy.actor, "seq_len", None)
+    shape = (n,) if seq_len is None else (n, seq_len)
+    obs = policy.obs_mean + policy.obs_std * torch.randn(*shape, len(policy.obs_mean), generator=generator)
+    if seq_len is None:
+        return (obs,)
+    unit = torch.rand(*shape, len(policy.action_low), generator=generator)
+    actions = policy.action_low + unit * (policy.action_high - policy.action_low)
+    returns_to_go = torch.randn(shape, generator=generator) / policy.actor.reward_scale
+    timesteps = torch.randint(1000, (n, 1), generator=generator) + torch.arange(seq_len)
+    return obs, actions, returns_to_go, timesteps
+
+
 def save_policy(policy: torch.nn.Module, file: str, onnx: bool = False) -> list:
-    """torch.export's program of the policy, any batch size; with onnx, an .onnx file beside it, weights inside."""
-    example = (policy.obs_mean[None].repeat(2, 1),)
-    batch = ({0: torch.export.Dim("batch")},)
+    """torch.export's program of the policy, any batch size (and a sequence model's window: up to seq_len steps); with
+    onnx, an .onnx file beside it, weights inside."""
+    inputs = policy_inputs(policy, 2)
+    batch = torch.export.Dim("batch")
+    names, dims = ["obs"], ({0: batch},)
+    if len(inputs) > 1:  # a window of any length up to seq_len; the example has 2 steps so that none is special
+        inputs = tuple(x[:, :2].contiguous() for x in inputs)
+        steps = {0: batch, 1: torch.export.Dim("steps", max=max(policy.actor.seq_len, 2))}
+        names, dims = ["states", "actions", "returns_to_go", "timesteps"], (steps, (steps, steps, steps))
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     with quiet():
-        torch.export.save(torch.export.export(policy, example, dynamic_shapes=batch), file)
+        torch.export.save(torch.export.export(policy, inputs, dynamic_shapes=dims), file)
         if not onnx:
             return [file]
         onnx_file = str(Path(file).with_suffix(".onnx"))
-        torch.onnx.export(policy, example, onnx_file, dynamic_shapes=batch, input_names=["obs"], external_data=False)
+        torch.onnx.export(policy, inputs, onnx_file, dynamic_shapes=dims, input_names=names, external_data=False)
     return [file, onnx_file]
 
 
@@ -206,11 +227,16 @@ PT2_OPS = {
     "select", "narrow", "clone", "contiguous", "alias", "detach", "dropout", "relu", "tanh", "sigmoid", "elu",
     "gelu", "silu", "mish", "leaky_relu", "softplus", "hardtanh", "exp", "log", "sqrt", "rsqrt", "neg", "abs",
     "pow", "add", "sub", "rsub", "mul", "div", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "where",
-    "layer_norm", "native_layer_norm", "mean", "sum",
+    "layer_norm", "native_layer_norm", "mean", "sum", "embedding", "unflatten", "unbind",
+    "scaled_dot_product_attention",
 }  # fmt: skip
 PT2_DTYPES = {6: torch.float16, 7: torch.float32, 8: torch.float64, 13: torch.bfloat16}  # torch.export's ScalarType
 PT2_SYMPY = {"Symbol", "Integer", "True", "False", "positive", "integer", "nonnegative", "Max", "Min", "Mod", "Eq"}
+PT2_SYMPY |= {"Mul", "Add"}  # a sequence model's token count, 3 x its window's steps (dt.py)
 PT2_SYMPY |= {"Ne", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "ModularIndexing", "FloorToInt", "CeilToInt"}
+# The one guard a policy file may hold: that inputs agree in sizes (a sequence model's window: dt.py), a comparison only
+PT2_SIZE = r"L\['\w+'\](?:\[\d+\])?\.size\(\)\[\d+\]"
+PT2_GUARD = re.compile(rf"{PT2_SIZE} == {PT2_SIZE}(?: and {PT2_SIZE} == {PT2_SIZE})*")
 PT2_SCALARS = {"as_int": int, "as_float": float, "as_bool": bool, "as_ints": int, "as_floats": float, "as_bools": bool}
 
 
@@ -291,7 +317,7 @@ def pt2_refuse_code(archive, sample_inputs: str, program: dict, stored: dict) ->
     legacy = re.compile(r".*/data/aotinductor/.*|.*/data/(weights|constants)/[^/]*\.pt")  # libraries, pickles
     if compiled := [name for name in archive.namelist() if legacy.fullmatch(name)]:
         raise PolicyFileError(f"it holds {compiled[0][:100]}, compiled code or a legacy pickle that torch would run")
-    if program.get("guards_code"):
+    if [guard for guard in program.get("guards_code") or [] if not PT2_GUARD.fullmatch(guard)]:
         raise PolicyFileError("it holds Python code (guards_code) that torch.export.load's .module() runs")
     if bad := [e for e in pt2_expressions(program) if not pt2_plain_expression(e)]:
         raise PolicyFileError(f"its shape expression {str(bad[0])[:100]!r} would be run by sympy's eval")
@@ -302,7 +328,7 @@ def pt2_refuse_code(archive, sample_inputs: str, program: dict, stored: dict) ->
 
 
 def pt2_program(archive) -> tuple:
-    """(weights by graph name, observation name, steps, output name) of the archive's one program."""
+    """(weights by graph name, input names, steps, output name) of the archive's one program."""
     models = [name for name in archive.namelist() if name.count("/") == 2 and "/models/" in name]
     if len(models) != 1 or not models[0].endswith(".json"):
         raise PolicyFileError(f"it holds {len(models)} exported programs (models/*.json), not one")
@@ -322,10 +348,12 @@ def pt2_program(archive) -> tuple:
             where = "weights" if fqn in stored["weights"] else "constants"
             values[body["arg"]["name"]] = pt2_tensor(archive, f"{root}/data/{where}/", stored[where][fqn], fqn)
         else:
-            raise PolicyFileError(f"it takes an input of kind {kind}; a policy takes one observation tensor")
+            raise PolicyFileError(f"it takes an input of kind {kind}; a policy takes tensors")
     outputs = program["graph_module"]["signature"]["output_specs"]
-    if len(observation) != 1 or len(outputs) != 1 or set(outputs[0]) != {"user_output"}:
-        raise PolicyFileError("a policy takes one observation tensor and returns one action tensor; this one does not")
+    if not observation or len(outputs) != 1 or set(outputs[0]) != {"user_output"}:
+        raise PolicyFileError(
+            "a policy takes tensors (an observation) and returns one action tensor; this one does not"
+        )
     steps, defined = [], set(values) | set(observation)
     for node in program["graph_module"]["graph"]["nodes"]:
         op = pt2_operator(node["target"])
@@ -343,7 +371,7 @@ def pt2_program(archive) -> tuple:
     output = pt2_argument(outputs[0]["user_output"]["arg"])
     if not isinstance(output, Pt2Ref) or output.name not in defined:
         raise PolicyFileError("its output is not a tensor that the graph computes")
-    return values, observation[0], steps, output.name
+    return values, observation, steps, output.name
 
 
 def pt2_refs(value) -> list:
@@ -353,13 +381,14 @@ def pt2_refs(value) -> list:
     return [value] if isinstance(value, Pt2Ref) else []
 
 
-def load_exported_policy(file) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_exported_policy(file) -> Callable[..., torch.Tensor]:
     """A policy file of torch.export.save (an algorithm script's --export) as a function observation batch -> action
-    batch, read without running code from the file (see above). Raises PolicyFileError, one paragraph, on a file
-    that is not such a policy, holds pickles, or calls an operator outside PT2_OPS."""
+    batch (a sequence model's: its window of states, actions, returns-to-go and timesteps -> action batch), read
+    without running code from the file (see above). Raises PolicyFileError, one paragraph, on a file that is not such a
+    policy, holds pickles, or calls an operator outside PT2_OPS."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(Path(file).read_bytes()))  # read once: what is checked is what runs
-        values, observation, steps, output = pt2_program(archive)
+        values, inputs, steps, output = pt2_program(archive)
     except PolicyFileError as e:
         message = f"{file} is refused: {e}. A policy file is read only if it holds tensor operators and raw weights"
         raise PolicyFileError(message + "; export the policy again with the algorithm script's --export.") from None
@@ -368,8 +397,10 @@ def load_exported_policy(file) -> Callable[[torch.Tensor], torch.Tensor]:
         raise PolicyFileError(f"{file} is not a policy file of torch.export.save, or it is damaged ({error})") from None
 
     @torch.no_grad()
-    def policy(obs: torch.Tensor) -> torch.Tensor:
-        computed = values | {observation: obs}
+    def policy(*obs: torch.Tensor) -> torch.Tensor:
+        if len(obs) != len(inputs):
+            raise PolicyFileError(f"{file} takes {len(inputs)} input tensors, not {len(obs)}")
+        computed = values | dict(zip(inputs, obs, strict=True))
         for op, args, kwargs, result in steps:
             out = op(*pt2_resolve(args, computed), **{k: pt2_resolve(v, computed) for k, v in kwargs.items()})
             for ref, tensor in zip(pt2_refs([result]), out if isinstance(result, list) else [out], strict=True):

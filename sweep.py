@@ -1,7 +1,7 @@
 """Grids of offline RL runs (algorithms x datasets x seeds) as Ray tasks, on this machine or on a Ray cluster.
 
-Each run is one Ray task that starts the unchanged script (iql.py, cql.py, td3_bc.py, rebrac.py, bc.py, awac.py) as a
-subprocess; the scripts never import Ray. Run folders are fixed by the grid, <output>/<env>__<algo>__<seed>, so
+Each run is one Ray task that starts the unchanged script (iql.py, cql.py, td3_bc.py, rebrac.py, bc.py, awac.py, dt.py)
+as a subprocess; the scripts never import Ray. Run folders are fixed by the grid, <output>/<env>__<algo>__<seed>, so
 launching the same grid again skips completed runs and resumes interrupted ones from their checkpoints/last.pt. Without
 --address Ray starts on this machine; with --address the same command runs on a Ray cluster (`ray start`, SLURM,
 Kubernetes). Ctrl-C stops every run cleanly: each script gets SIGTERM, writes its checkpoint and exits. Results: `python
@@ -32,7 +32,7 @@ import yaml
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
-ALGOS = ("iql", "cql", "td3_bc", "rebrac", "bc", "awac", "sac_n", "edac")
+ALGOS = ("iql", "cql", "td3_bc", "rebrac", "bc", "awac", "sac_n", "edac", "dt")
 MARKER = ".sweep_running"  # "<host> <pid>" of the script while a task runs it; removed when the script has exited
 FORWARDED_ENV = ("MINARI_DATASETS_PATH", "MUJOCO_GL", "HF_HUB_OFFLINE", "WANDB_PROJECT")  # driver -> every run
 

@@ -5,8 +5,9 @@
     PYTHONPATH=/path/to/d3rlpy-site python benchmarks/compare.py --algos rebrac --datasets local/hopper/sac-noisy-v0
 
 Algorithms (`--algos`): td3_bc, bc (plain behaviour cloning), bc10 (10 % BC: bc.py --top-fraction 0.1 against
-CORL's any_percent_bc.py with its bc_10 configs), awac, sac_n, edac: ours against CORL's script (CORL below); rebrac:
-ours against d3rlpy's.
+CORL's any_percent_bc.py with its bc_10 configs), awac, sac_n, edac, dt: ours against CORL's script (CORL below);
+rebrac: ours against d3rlpy's. dt runs both with --dt-batch-size, --dt-learning-rate, --dt-warmup-steps,
+--dt-embedding-dim and one target return (--dt-target), its other settings CORL's defaults (= its MuJoCo configs).
 
 Implementations (`--impls`):
 
@@ -65,9 +66,16 @@ CORL_SCRIPTS = {
     "edac": ("edac.py", "--env_name {dataset} --train_seed {seed} --num_epochs {epochs}"
              " --num_updates_on_epoch {eval_every} --eval_every 1 --eval_episodes {episodes}"
              " --num_critics {num_critics} --hidden_dim {hidden_dim}"),
+    # num_workers 0: its DataLoader samples in the run's own process (CORL's 4 workers would take 4 cores)
+    "dt": ("dt.py", "--env_name {dataset} --train_seed {seed} --update_steps {steps} --eval_every {eval_every}"
+           " --eval_episodes {episodes} --batch_size {dt_batch_size} --learning_rate {dt_learning_rate}"
+           " --warmup_steps {dt_warmup_steps} --target_returns ({dt_target},) --embedding_dim {dt_embedding_dim}"
+           " --num_workers 0"),
 }  # fmt: skip
 # our script and flags where it is not <algo>.py alone
 OURS = {"bc10": ("bc", ["--top-fraction", "0.1", "--discount", "1.0"])}
+# CORL's dt.py evaluates after its first update too (step 0 of its loop): that evaluation is left out
+SKIPPED_EVALUATIONS = {"dt": 1}
 IMPLS = {algo: ("ours", "corl") for algo in CORL_SCRIPTS} | {"rebrac": ("ours", "d3rlpy")}
 
 
@@ -76,7 +84,7 @@ class Args:
     datasets: tuple[str, ...] = ("local/hopper/sac-noisy-v0",)
     """Minari ids (in $MINARI_DATASETS_PATH) with an evaluation env and reference scores"""
     algos: tuple[str, ...] = ("td3_bc", "rebrac")
-    """td3_bc, bc, bc10, awac, sac_n, edac (ours against CORL) and/or rebrac (ours against d3rlpy)"""
+    """td3_bc, bc, bc10, awac, sac_n, edac, dt (ours against CORL) and/or rebrac (ours against d3rlpy)"""
     impls: tuple[str, ...] = ("ours", "corl", "d3rlpy")
     """which implementations to run (a reference that is not available is skipped with a message)"""
     seeds: tuple[int, ...] = (0, 1, 2, 3)
@@ -99,6 +107,16 @@ class Args:
     """ReBRAC's actor penalty (rebrac.py's default; d3rlpy's actor_beta)"""
     beta2: float = 0.01
     """ReBRAC's critic penalty (rebrac.py's default; d3rlpy's critic_beta)"""
+    dt_batch_size: int = 64
+    """DT's segments per step, ours and CORL's (CORL's configs: 4096 on MuJoCo, too many for a CPU; 64 its default)"""
+    dt_embedding_dim: int = 128
+    """DT's token width, ours and CORL's (CORL's: 128)"""
+    dt_learning_rate: float = 8e-4
+    """DT's learning rate (CORL's MuJoCo configs)"""
+    dt_warmup_steps: int = 500
+    """DT's warm-up steps (CORL's: 10000 of its 100k steps)"""
+    dt_target: float | None = None
+    """DT's one target return, ours and CORL's; None: the dataset's best episode return (dt.py's rule)"""
     threads: int = 1
     """torch threads of every run"""
     out: str = "runs/compare"
@@ -108,6 +126,7 @@ class Args:
 # ---- the shims CORL's scripts import (written to a temporary folder; none of CORL's code) ----------------------
 SHIM_GYM = '''"""gym, as CORL's scripts use it, over Gymnasium and a Minari dataset's evaluation env (old API)."""
 import minari
+import numpy as np
 import wandb
 
 
@@ -135,6 +154,18 @@ class Env:
     def get_normalized_score(self, score):
         meta = self.dataset.storage.metadata
         return (score - meta["ref_min_score"]) / (meta["ref_max_score"] - meta["ref_min_score"])
+
+    def get_dataset(self):
+        """D4RL's dict (CORL's dt.py reads it): T observations per episode, terminals, timeouts at time limits."""
+        parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        for episode in self.dataset.iterate_episodes():
+            end = np.arange(len(episode.rewards)) == len(episode.rewards) - 1
+            parts["observations"].append(np.asarray(episode.observations[:-1], dtype=np.float32))
+            parts["actions"].append(np.asarray(episode.actions, dtype=np.float32))
+            parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
+            parts["terminals"].append(np.asarray(episode.terminations, dtype=bool))
+            parts["timeouts"].append(end & ~np.asarray(episode.terminations, dtype=bool))
+        return {k: np.concatenate(v) for k, v in parts.items()}
 
     def __getattr__(self, name):
         return getattr(self.env, name)
@@ -226,6 +257,8 @@ import typing
 def _parse(kind, text):
     if text in ("None", "null") and type(None) in typing.get_args(kind):
         return None
+    if typing.get_origin(kind) is tuple:  # (3600.0, 1800.0)
+        return tuple(float(x) for x in text.strip("()[] ").split(",") if x.strip())
     kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
     if kind is bool:
         return text.lower() in ("true", "1", "yes")
@@ -285,11 +318,30 @@ def evaluation_starts():
         _clock["phase"], _clock["eval_start"] = "evaluating", now
 
 
+def _score(values):
+    """(a logged normalized score, whether it is the run's): dt.py logs one per target return,
+    eval/<R>_normalized_score_mean, and the first target's is the run's."""
+    for key in SCORES:
+        if key in values:
+            return values[key], True
+    for key, value in values.items():
+        if key.startswith("eval/") and key.endswith("_normalized_score_mean"):
+            return value, _state.setdefault("score", key) == key
+    return None, False
+
+
 def log(values, step=None):
     """A score ends an evaluation (the k-th is at step k * $COMPARE_EVAL_EVERY: CORL's scripts log steps from 0, from
-    1 or not at all) and starts a training window; so does the first log after init (the first step is done)."""
+    1 or not at all; the first $COMPARE_SKIPPED_EVALUATIONS are left out; for dt.py, the first target's scores) and
+    starts a training window; so does the first log after init (the first step is done)."""
     now = time.perf_counter()
-    score = next((values[k] for k in SCORES if k in values), None)
+    score, first = _score(values)
+    skipped = first and len(_state.setdefault("skipped", [])) < int(os.environ.get("COMPARE_SKIPPED", "0"))
+    if skipped:
+        _state["skipped"].append(float(score))
+    if score is not None and (skipped or not first):  # not an evaluation of its own; training goes on after it
+        _clock["phase"] = "starting"
+        score = None
     if score is not None:
         if _clock["phase"] == "training":  # the script evaluated without seeding the env
             evaluation_starts()
@@ -438,17 +490,34 @@ def command(args: Args, algo: str, impl: str, dataset: str, seed: int, result: P
             cmd += ["--batch-size", str(args.rebrac_batch_size), "--beta1", str(args.beta1), "--beta2", str(args.beta2)]
         if algo in ("sac_n", "edac"):
             cmd += ["--num-critics", str(args.num_critics), "--hidden-dim", str(args.hidden_dim)]
+        if algo == "dt":
+            cmd += ["--batch-size", str(args.dt_batch_size), "--learning-rate", str(args.dt_learning_rate)]
+            cmd += ["--warmup-steps", str(args.dt_warmup_steps), "--target-returns", str(dt_target(args, dataset))]
+            cmd += ["--embedding-dim", str(args.dt_embedding_dim)]
         return cmd
     if impl == "corl":
         script, flags = CORL_SCRIPTS[algo]
         values = dict(dataset=dataset, seed=seed, steps=args.steps, eval_every=args.eval_every)
         values.update(episodes=args.eval_episodes, epochs=args.steps // args.eval_every)
         values.update(num_critics=args.num_critics, hidden_dim=args.hidden_dim)
+        values.update(dt_batch_size=args.dt_batch_size, dt_learning_rate=args.dt_learning_rate)
+        values.update(dt_warmup_steps=args.dt_warmup_steps, dt_target=dt_target(args, dataset) if algo == "dt" else 0)
+        values.update(dt_embedding_dim=args.dt_embedding_dim)
         return [sys.executable, str(shims / f"corl_{script}"), *flags.format(**values).split(), "--device", "cpu"]
     spec = {"dataset": dataset, "seed": seed, "steps": args.steps, "eval_every": args.eval_every}
     spec.update(eval_episodes=args.eval_episodes, batch_size=args.rebrac_batch_size, beta1=args.beta1)
     spec.update(beta2=args.beta2, threads=args.threads, result=str(result.with_suffix(".partial.json")))
     return [sys.executable, str(Path(__file__).resolve()), "_d3rlpy_worker", json.dumps(spec)]
+
+
+def dt_target(args: Args, dataset: str) -> float:
+    """--dt-target, or the dataset's best episode return (dt.py's rule where no CORL row applies)."""
+    if args.dt_target is not None:
+        return args.dt_target
+    import minari
+    import numpy as np
+
+    return max(float(np.sum(episode.rewards)) for episode in minari.load_dataset(dataset).iterate_episodes())
 
 
 def run(args: Args, algo: str, impl: str, dataset: str, seed: int, shims: Path | None) -> None:
@@ -460,6 +529,7 @@ def run(args: Args, algo: str, impl: str, dataset: str, seed: int, shims: Path |
     cmd = command(args, algo, impl, dataset, seed, result, shims)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "COMPARE_THREADS": str(args.threads)}
     env.update(COMPARE_RESULT=str(partial), COMPARE_EVAL_EVERY=str(args.eval_every), PYTHONWARNINGS="ignore")
+    env.update(COMPARE_SKIPPED=str(SKIPPED_EVALUATIONS.get(algo, 0) if impl == "corl" else 0))
     if impl == "corl":
         env["PYTHONPATH"] = os.pathsep.join([str(shims), env.get("PYTHONPATH", "")])
     print(f"{algo} {impl} {dataset} seed {seed}: {' '.join(cmd[:2])} ...", flush=True)

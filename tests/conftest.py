@@ -175,16 +175,23 @@ ALGOS = sorted(p.name for p in ROOT.glob("*.py") if "SHARED BLOCK begins" in p.r
 FAST = ["--total-steps", "400", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "100"]
 
 
+# The scripts whose policy acts on an observation alone (dt.py's reads its episode's last steps: tests/test_dt.py)
+OBSERVATION_POLICIES = [algo for algo in ALGOS if algo != "dt.py"]
+
+
 @pytest.fixture(params=ALGOS)
 def algo(request):
     return request.param
 
 
+# Small networks (and few sampled actions for CQL, few critics for SAC-N and EDAC, short segments for DT): for tests
+# of the plumbing, not of learning
+SMALL = {"cql.py": ["--hidden-dim", "32", "--cql-n-actions", "2"], "dt.py": ["--embedding-dim", "16", "--seq-len", "5"]}
+SMALL |= {name: ["--hidden-dim", "32", "--num-critics", "4"] for name in ("sac_n.py", "edac.py")}
+
+
 def small(algo: str) -> list:
-    """Small networks (and few sampled actions for CQL, few critics for SAC-N and EDAC): for tests of the plumbing, not
-    of learning."""
-    few = {"cql.py": ["--cql-n-actions", "2"], "sac_n.py": ["--num-critics", "4"], "edac.py": ["--num-critics", "4"]}
-    return ["--hidden-dim", "32", *few.get(algo, [])]
+    return SMALL.get(algo, ["--hidden-dim", "32"])
 
 
 def run_dir_of(output: Path) -> Path:
@@ -195,14 +202,15 @@ def run_dir_of(output: Path) -> Path:
 
 def script_checkpoint(algo: str, file: Path, obs_dim: int, low: list, high: list, **args):
     """A checkpoint file of an algorithm script, as its runs write one for acting: its actor with random weights (its
-    own make_networks; Args(hidden_dim=16, **args)), asymmetric normalization statistics. Returns the script's Policy
-    around it too."""
+    own make_networks; Args(hidden_dim=16, **args), DT's embedding_dim=16, seq_len=5), asymmetric normalization
+    statistics. Returns the script's Policy around it too."""
     import dataclasses
     import importlib
 
     module = importlib.import_module(algo)
     torch.manual_seed(0)
-    args = module.Args(**{"hidden_dim": 16, "env": PENDULUM} | args)
+    size = {"embedding_dim": 16, "seq_len": 5} if algo == "dt" else {"hidden_dim": 16}
+    args = module.Args(**{**size, "env": PENDULUM, **args})
     actor = module.make_networks(args, obs_dim, len(low))["actor"].eval()
     stats = {
         "obs_mean": torch.randn(obs_dim),

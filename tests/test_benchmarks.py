@@ -132,6 +132,33 @@ def test_the_wandb_shim_times_training_apart_from_evaluations_and_steps_them_by_
     assert result["train_seconds"] == 4.0 and result["steps"] == 2000
 
 
+def test_the_wandb_shim_reads_dts_first_target_and_leaves_out_its_evaluation_after_the_first_update(
+    tmp_path, monkeypatch
+):
+    """CORL's dt.py evaluates after its update of step 0 and then every eval_every steps, each target return in turn
+    (env.seed, then eval/<R>_normalized_score_mean): the first target's scores count, from the second evaluation on."""
+    shims = compare.write_shims(tmp_path / "shims")
+    spec = importlib.util.spec_from_file_location("wandb_shim", shims / "wandb" / "__init__.py")
+    wandb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wandb)
+    now = iter(range(100))
+    monkeypatch.setattr(wandb, "time", types.SimpleNamespace(perf_counter=lambda: float(next(now))))
+    monkeypatch.setenv("COMPARE_RESULT", str(tmp_path / "result.json"))
+    monkeypatch.setenv("COMPARE_EVAL_EVERY", "1000")
+    monkeypatch.setenv("COMPARE_SKIPPED", "1")
+    wandb.init()
+    for step, score in ((0, 1.0), (1000, 40.0), (1999, 60.0)):
+        wandb.log({"train_loss": 1.0}, step=step)  # training time starts (first) or goes on
+        for target, offset in (("3600.0", 0.0), ("1800.0", -5.0)):
+            wandb.evaluation_starts()
+            wandb.log({f"eval/{target}_normalized_score_mean": score + offset}, step=step)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert [(e["step"], e["normalized_score"]) for e in result["evals"]] == [(1000, 40.0), (2000, 60.0)]
+    assert result["skipped"] == [1.0] and result["score"] == "eval/3600.0_normalized_score_mean"
+    # times: each evaluation 1 s, the log before it 1 s of training; the second target's 1 s and its 1 s before
+    assert [e["train_seconds"] for e in result["evals"]] == [2.0, 2.0] and result["train_seconds"] == 7.0
+
+
 CORL_FIELDS = {  # the TrainConfig fields of CORL's algorithms/offline/<script>, as of its commit eeeeef2
     "td3_bc.py": "project group name env alpha discount expl_noise tau policy_noise noise_clip policy_freq"
     " max_timesteps buffer_size batch_size normalize normalize_reward eval_freq n_episodes checkpoints_path load_model"
@@ -146,11 +173,17 @@ CORL_FIELDS = {  # the TrainConfig fields of CORL's algorithms/offline/<script>,
     " eval_episodes eval_every checkpoints_path deterministic_torch train_seed eval_seed log_every device",
 }
 CORL_FIELDS["edac.py"] = CORL_FIELDS["sac_n.py"] + " eta"
+CORL_FIELDS["dt.py"] = (
+    "project group name embedding_dim num_layers num_heads seq_len episode_len attention_dropout residual_dropout"
+    " embedding_dropout max_action env_name learning_rate betas weight_decay clip_grad batch_size update_steps"
+    " warmup_steps reward_scale num_workers target_returns eval_episodes eval_every checkpoints_path"
+    " deterministic_torch train_seed eval_seed device"
+)
 
 
 @pytest.mark.parametrize("algo", sorted(compare.CORL_SCRIPTS))
 def test_corl_command_lines_set_fields_of_the_scripts_train_config_with_the_runs_budget(algo, tmp_path):
-    args = compare.Args(steps=3000, eval_every=1000, eval_episodes=5)
+    args = compare.Args(steps=3000, eval_every=1000, eval_episodes=5, dt_target=350.0)
     cmd = compare.command(args, algo, "corl", "local/x/y-v0", 2, tmp_path / "seed2.json", tmp_path)
     script = compare.CORL_SCRIPTS[algo][0]
     assert cmd[1] == str(tmp_path / f"corl_{script}")

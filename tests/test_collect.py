@@ -20,7 +20,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import ALGOS, ROOT, run_script, script_checkpoint
+from conftest import OBSERVATION_POLICIES, ROOT, run_script, script_checkpoint
 from local_datasets import make_dataset
 
 import collect
@@ -305,7 +305,7 @@ def checkpoint_of(algo: str, actor: torch.nn.Module, env: gym.Env, minari_id: st
     }
 
 
-@pytest.mark.parametrize("algo", [a[:-3] for a in ALGOS])
+@pytest.mark.parametrize("algo", [a[:-3] for a in OBSERVATION_POLICIES])
 def test_checkpoint_actor_acts_exactly_as_its_own_script(algo, tmp_path):
     """policy.py builds the script's own Policy: its actor on (s - mean) / std, mapped from [-1, 1] to [low, high]."""
     env = gym.make("Pendulum-v1")

@@ -96,7 +96,7 @@ def test_policy_normalizes_observations_and_maps_actions_back_to_the_env_bounds(
         "action_low": torch.tensor([-2.0]),
         "action_high": torch.tensor([2.0]),
     }
-    action = iql.numpy_policy(iql.Policy(actor, stats), torch.device("cpu"))(np.array([[3.0, 6.0]]))
+    action = iql.numpy_policies(iql.Policy(actor, stats), stats, torch.device("cpu"))[""](np.array([[3.0, 6.0]]))
     torch.testing.assert_close(seen[0], torch.tensor([[1.0, 1.0]]))  # (obs - mean) / std
     np.testing.assert_allclose(action, [[1.0]])  # 0.5 in [-1, 1] is 1.0 in [-2, 2]
 
@@ -226,7 +226,11 @@ def test_evaluate_counts_only_each_sub_envs_first_episode(mode):
     envs = gym.vector.SyncVectorEnv(
         [lambda n=n, i=i: Countdown(n, truncate=i == 1) for i, n in enumerate(lengths)], autoreset_mode=mode
     )
-    returns, episode_lengths, success = iql.evaluate(envs, lambda obs: np.zeros((len(obs), 1), np.float32), [0, 1, 2])
+
+    def policy(obs, rewards):
+        return np.zeros((len(obs), 1), np.float32)
+
+    returns, episode_lengths, success = iql.evaluate(envs, policy, [0, 1, 2])
     assert success is None  # these envs do not report success
     np.testing.assert_array_equal(episode_lengths, lengths)
     np.testing.assert_array_equal(returns, [n * (n + 1) / 2 for n in lengths])  # 1 + 2 + ... + n, once

@@ -14,7 +14,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_dir_of, run_script, script_checkpoint
+from conftest import OBSERVATION_POLICIES, ROOT, assert_user_error, run_dir_of, run_script, script_checkpoint
 from local_datasets import make_dataset
 
 FAST = ["--total-steps", "300", "--eval-every", "300", "--eval-episodes", "3", "--log-every", "100"]
@@ -118,6 +118,7 @@ def assert_acts_as_policy_with_only_torch(file, policy, obs_dim, folder):
     return expected
 
 
+@pytest.mark.parametrize("algo", OBSERVATION_POLICIES)
 def test_the_exported_policy_of_every_script_acts_as_its_policy_in_a_process_with_only_torch(algo, tmp_path):
     """A checkpoint with an asymmetric action range: policy.py builds the script's own policy and exports it."""
     policy = script_checkpoint(algo[:-3], tmp_path / "c.pt", 5, low=[-3.0, 0.0], high=[1.0, 0.5])

@@ -155,14 +155,17 @@ def craft(genuine, edit, marker, file):
 
 @pytest.mark.parametrize("algo", [a[:-3] for a in ALGOS])
 def test_every_scripts_export_acts_as_its_policy(algo, tmp_path):
+    """On observations (dt.py: windows of seq_len steps, and of 1) of 3 x the data's spread, batches of 100 and 1."""
     policy = export(algo, tmp_path / "policy.pt2")
     loaded = policy_tool.load_exported_policy(tmp_path / "policy.pt2")
-    obs = torch.randn(100, OBS_DIM) * 3
-    with torch.no_grad():
-        expected = policy(obs)
-    torch.testing.assert_close(loaded(obs), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loaded(obs[:1]), expected[:1], rtol=1e-5, atol=1e-6)
-    assert torch.equal(loaded(obs), torch.export.load(tmp_path / "policy.pt2").module()(obs))  # the same operators
+    inputs = list(policy_tool.policy_inputs(policy, 100, torch.Generator().manual_seed(0)))
+    inputs[0] = policy.obs_mean + (inputs[0] - policy.obs_mean) * 3
+    for batch in (inputs, [x[:1] for x in inputs], [x[:, -1:] for x in inputs] if len(inputs) > 1 else inputs):
+        with torch.no_grad():
+            expected = policy(*batch)
+        torch.testing.assert_close(loaded(*batch), expected, rtol=1e-5, atol=1e-6)
+    exported = torch.export.load(tmp_path / "policy.pt2").module()
+    assert torch.equal(loaded(*inputs), exported(*inputs))  # the same operators
 
 
 @pytest.mark.parametrize("algo,args", [("iql", {"actor_dropout": 0.1}), ("rebrac", {"actor_layer_norm": True})])

@@ -212,8 +212,8 @@ def test_a_damaged_last_checkpoint_names_the_newest_readable_one(algo, reference
 
 def test_non_finite_losses_stop_the_run_naming_the_loss_and_step_range(algo, pendulum, tmp_path):
     fields = dataclasses.fields(importlib.import_module(algo[:-3]).Args)
-    rates = [f.name.replace("_", "-") for f in fields if f.name.endswith("_lr") and f.type is float]  # every rate
-    lrs = [x for name in rates for x in (f"--{name}", "1e30")]
+    rates = [f.name for f in fields if f.type is float and (f.name.endswith("_lr") or f.name == "learning_rate")]
+    lrs = [x for name in rates for x in (f"--{name.replace('_', '-')}", "1e30")]  # every rate (dt.py's too)
     result = run_script(algo, "--env", pendulum, *FAST, *small(algo), *lrs, "--output", tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 3 and "Traceback" not in out, out

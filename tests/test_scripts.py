@@ -38,7 +38,8 @@ def test_end_to_end_run_writes_events_checkpoints_summary_and_videos(algo, datas
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algo"] == algo[:-3] and summary["minari_id"] == dataset_id and summary["steps"] == 400
     assert summary["completed"] and summary["total_steps"] == 400 and summary["eval_episodes"] == 2
-    assert summary["args"]["hidden_dim"] == 32 and set(summary["versions"]) >= {"torch", "minari", "mujoco"}
+    size = ("embedding_dim", 16) if algo == "dt.py" else ("hidden_dim", 32)
+    assert summary["args"][size[0]] == size[1] and set(summary["versions"]) >= {"torch", "minari", "mujoco"}
     assert [h["step"] for h in summary["eval_history"]] == [200, 400] and summary["sps"] > 0
     # the console: a line per evaluation, then what the run reached; all of it also in console.log
     score = "return" if dataset == "pointmaze" else "normalized score"
@@ -83,6 +84,7 @@ ADROIT_SETTINGS = {  # each script's Adroit row (TD3+BC has none: its defaults) 
     "awac.py": {"awac_lambda": 0.1},
     "sac_n.py": {"num_critics": 100},
     "edac.py": {"num_critics": 50, "eta": 200.0},
+    "dt.py": {"learning_rate": 8e-4, "reward_scale": 1.0, "target_returns": [2900.0, 1450.0]},
 }
 
 
@@ -103,8 +105,9 @@ def test_script_copied_alone_with_common_keeps_the_published_per_domain_settings
 # ---- learning -------------------------------------------------------------------------------------------
 # Small budgets met with a wide margin: seeds 0-3 all reached return 1000 (the episode limit), IQL from step 400 on,
 # CQL at step 800 (646-1000 at step 400), TD3+BC from step 250 on, ReBRAC from step 1500 on, BC from step 250 on,
-# AWAC from step 200 on (checked to 600; by step 1000 two seeds had fallen to 445 and 684). SAC-N and EDAC (no
-# behaviour cloning: the policy follows the critics' minimum alone) with standardized states, learning rates 10x
+# AWAC from step 200 on (checked to 600; by step 1000 two seeds had fallen to 445 and 684); DT (embedding 64, batch 64,
+# 50 warm-up steps, conditioned on the best episode's 505) returned 463, 1000, 1000 and 510 at step 100. SAC-N and EDAC
+# (no behaviour cloning: the policy follows the critics' minimum alone) with standardized states, learning rates 10x
 # CORL's and a fast temperature: at step 3000 seeds 0-3 returned SAC-N 1000, 722, 1000, 1000, EDAC 1000, 1000, 560,
 # 1000 (with CORL's settings both stayed under 20 for 2000 steps: Q grows ~1 per 200 steps)
 SAC_LEARNING = ["--total-steps", "3000", "--eval-every", "3000", "--hidden-dim", "32", "--normalize-states"]
@@ -118,6 +121,8 @@ LEARNING = {
     "awac.py": ["--total-steps", "500", "--eval-every", "500", "--hidden-dim", "64"],
     "sac_n.py": SAC_LEARNING,
     "edac.py": SAC_LEARNING,
+    "dt.py": ["--total-steps", "100", "--eval-every", "100", "--embedding-dim", "64", "--batch-size", "64"]
+    + ["--warmup-steps", "50", "--learning-rate", "1e-3"],
 }
 
 
@@ -141,6 +146,7 @@ BAD_HYPERPARAMETER = {
     "awac.py": ["--awac-lambda", "0"],
     "sac_n.py": ["--num-critics", "0"],
     "edac.py": ["--eta", "-1"],
+    "dt.py": ["--seq-len", "0"],
 }
 
 
@@ -155,7 +161,9 @@ def test_the_seed_sets_the_initial_networks_and_the_batches(algo, pendulum):
     module, draws = importlib.import_module(algo[:-3]), []
     dataset = module.load_dataset(pendulum)
     for seed in (1, 1, 2):
-        args = module.Args(env=pendulum, seed=seed, hidden_dim=32)
+        args = module.Args(
+            env=pendulum, seed=seed, **({"embedding_dim": 16} if algo == "dt.py" else {"hidden_dim": 32})
+        )
         common.seed_everything(seed)
         actor = module.make_networks(args, 3, 1)["actor"]
         buffer, _ = module.load_buffer(dataset, args, torch.device("cpu"))
