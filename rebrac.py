@@ -1279,11 +1279,12 @@ def config_flags(path: str | None) -> list:
     """A --config YAML file as flags, parsed alone first, so that an error names the file."""
     if path is None:
         return []
+    flags = None
     try:
         flags = as_flags(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
         tyro.cli(Args, args=flags)
     except (OSError, ValueError, yaml.YAMLError, AttributeError, SystemExit) as e:
-        detail = "" if isinstance(e, SystemExit) else f" ({str(e)[:200]})"
+        detail = f" ({' '.join(flags)[:200]})" if isinstance(e, SystemExit) else f" ({str(e)[:200]})"
         raise UserError(
             f"in --config {path}: expected a UTF-8 YAML mapping of Args fields, read like flags{detail}"
         ) from None
