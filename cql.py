@@ -1333,8 +1333,8 @@ def as_flags(settings: dict) -> list:
         name = str(key).replace("_", "-")
         if isinstance(value, bool):
             flags.append(f"--{name}" if value else f"--no-{name}")
-        elif isinstance(value, list | tuple):
-            flags += [f"--{name}", *map(str, value)]
+        elif isinstance(value, list | tuple) and isinstance(getattr(Args, str(key), None), tuple):
+            flags += [f"--{name}", *map(str, value)]  # a tuple field's items (dt.py's target_returns)
         else:
             flags += [f"--{name}", str(value)]
     return flags

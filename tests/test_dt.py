@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_networks, assert_user_error, run_script, script_checkpoint
+from conftest import (
+    assert_compiled_equals_eager,
+    assert_same_networks,
+    assert_user_error,
+    compiled_and_eager_updates,
+    run_script,
+    script_checkpoint,
+)
 from local_datasets import Countdown
 from minari.data_collector import EpisodeBuffer
 
@@ -354,3 +361,19 @@ def test_collect_records_with_a_checkpoint_that_keeps_each_episodes_context(pend
         rewards = [None, *(np.array([r]) for r in episode.rewards[:-1])]
         expected = [act(obs[None], r)[0] for obs, r in zip(episode.observations[:-1], rewards, strict=True)]
         np.testing.assert_allclose(episode.actions, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_update_equals_the_eager_one_and_compiles_once():
+    """--compile: the same steps (dropout off), one graph for every step (the warm-up's learning rate is a tensor)."""
+
+    def build(compile: bool):
+        no_dropout = dict(attention_dropout=0.0, residual_dropout=0.0, embedding_dropout=0.0)
+        args = dt.Args(embedding_dim=16, num_layers=1, seq_len=6, warmup_steps=3, compile=compile, **no_dropout)
+        torch.manual_seed(0)
+        nets = dt.make_networks(args, 3, 2)
+        return args, nets, dt.make_update(nets, dt.make_optimizers(nets, args), args), segment_batch()
+
+    runs = compiled_and_eager_updates(build)
+    graphs = runs[True][2]
+    assert graphs[0] < graphs[1] == graphs[6], graphs
+    assert_compiled_equals_eager(runs)
