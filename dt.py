@@ -230,9 +230,9 @@ class DecisionTransformer(nn.Module):
         CORL also masks the padding after an episode's end from attention: under the causal mask no real step attends
         to it anyway, and the loss masks the predictions at padding, so the mask changes nothing that is learned."""
         # the last embedding for timesteps beyond it (CORL's evaluation stops at episode_len instead)
-        time = self.timestep_emb(timesteps.clamp(max=self.timestep_emb.num_embeddings - 1))
+        time_emb = self.timestep_emb(timesteps.clamp(max=self.timestep_emb.num_embeddings - 1))
         tokens = [self.return_emb(returns_to_go[..., None]), self.state_emb(states), self.action_emb(actions)]
-        sequence = (torch.stack(tokens, dim=2) + time[:, :, None]).flatten(1, 2)  # R_1, s_1, a_1, R_2, ...
+        sequence = (torch.stack(tokens, dim=2) + time_emb[:, :, None]).flatten(1, 2)  # R_1, s_1, a_1, R_2, ...
         x = self.emb_drop(self.emb_norm(sequence))  # LayerNorm as the original code
         for block in self.blocks:
             x = block(x)
@@ -283,7 +283,7 @@ def make_networks(args: Args, obs_dim: int, act_dim: int) -> dict:
 
 
 def make_optimizers(nets: dict, args: Args) -> dict:
-    """AdamW on every parameter and the linear warm-up of CORL's LambdaLR, min((k + 1) / warmup_steps, 1) at step k."""
+    """AdamW (betas 0.9, 0.999) on every parameter, and CORL's warm-up: min((k + 1) / warmup_steps, 1) at step k."""
     params = nets["actor"].parameters()
     opt = torch.optim.AdamW(params, lr=torch.tensor(args.learning_rate), weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / args.warmup_steps, 1.0))
