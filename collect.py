@@ -71,7 +71,7 @@ class Args:
     """replace an existing local dataset with the same id"""
     checkpoint: str | None = None
     """--policy checkpoint: a run folder or checkpoint of an algorithm script (iql.py, cql.py, td3_bc.py, rebrac.py,
-    bc.py), a collect.py teacher.pt, or a policy file written by a script's --export (.pt2; give --env with it)"""
+    bc.py), a collect.py teacher.pt, or a policy file written by policy.py export (.pt2; give --env with it)"""
     action_noise: float = 0.0
     """std of Gaussian noise added to the policy's actions, in units of half the action range, then clipped"""
     epsilon: float = 0.0
@@ -440,7 +440,7 @@ def script_policy(path: str, env: gym.Env):
 
 
 def exported_policy(path: str, env: gym.Env):
-    """A policy file written by an algorithm script's --export (torch.export: raw flat observation in, env action
+    """A policy file written by policy.py export (torch.export: raw flat observation in, env action
     out), as an actor: flat observation -> action in [-1, 1]. Read by load_exported_policy: it cannot run code."""
     space = env.action_space
     try:

@@ -382,7 +382,7 @@ def pt2_refs(value) -> list:
 
 
 def load_exported_policy(file) -> Callable[..., torch.Tensor]:
-    """A policy file of torch.export.save (an algorithm script's --export) as a function observation batch -> action
+    """A policy file of torch.export.save (`policy.py export`) as a function observation batch -> action
     batch (a sequence model's: its window of states, actions, returns-to-go and timesteps -> action batch), read
     without running code from the file (see above). Raises PolicyFileError, one paragraph, on a file that is not such a
     policy, holds pickles, or calls an operator outside PT2_OPS."""
@@ -391,7 +391,7 @@ def load_exported_policy(file) -> Callable[..., torch.Tensor]:
         values, inputs, steps, output = pt2_program(archive)
     except PolicyFileError as e:
         message = f"{file} is refused: {e}. A policy file is read only if it holds tensor operators and raw weights"
-        raise PolicyFileError(message + "; export the policy again with the algorithm script's --export.") from None
+        raise PolicyFileError(message + "; export the policy again with `python policy.py export`.") from None
     except Exception as e:
         error = f"{type(e).__name__}: {str(e)[:200]}"
         raise PolicyFileError(f"{file} is not a policy file of torch.export.save, or it is damaged ({error})") from None

@@ -6,8 +6,9 @@
 
 Algorithms (`--algos`): td3_bc, bc (plain behaviour cloning), bc10 (10 % BC: bc.py --top-fraction 0.1 against
 CORL's any_percent_bc.py with its bc_10 configs), awac, sac_n, edac, dt: ours against CORL's script (CORL below);
-rebrac: ours against d3rlpy's. dt runs both with --dt-batch-size, --dt-learning-rate, --dt-warmup-steps,
---dt-embedding-dim and one target return (--dt-target), its other settings CORL's defaults (= its MuJoCo configs).
+rebrac: ours against d3rlpy's; dt also against d3rlpy's. dt runs all three with --dt-batch-size, --dt-learning-rate,
+--dt-warmup-steps, --dt-embedding-dim and one target return (--dt-target), its other settings CORL's defaults (= its
+MuJoCo configs).
 
 Implementations (`--impls`):
 
@@ -22,11 +23,14 @@ Implementations (`--impls`):
              dataset's reference scores), pyrallis parsing --key value into CORL's TrainConfig, and wandb a logger that
              records the normalized scores and the training time (an evaluation starts when CORL's eval_actor seeds
              the env, and ends when its score is logged; steps/s: training steps over training seconds)
-    d3rlpy   ReBRAC only: d3rlpy's ReBRAC (when `import d3rlpy` works), trained with its own fit() on an MDPDataset
-             built from the Minari episodes, configured like CORL's locomotion ReBRAC (3 x 256 actor and critics,
-             LayerNorm in the critics, batch --rebrac-batch-size, lr 1e-3, beta1 --beta1, beta2 --beta2); evaluated
-             every --eval-every steps on --eval-episodes episodes of the dataset's evaluation env, with the seeds
-             our scripts use at that step
+    d3rlpy   ReBRAC and DT: d3rlpy's ReBRAC or DecisionTransformer (when `import d3rlpy` works), trained with its
+             own fit() on an MDPDataset built from the Minari episodes. ReBRAC configured like CORL's locomotion
+             ReBRAC (3 x 256 actor and critics, LayerNorm in the critics, batch --rebrac-batch-size, lr 1e-3, beta1
+             --beta1, beta2 --beta2); DT like d3rlpy's reproduction script (AdamW with weight decay 1e-4, gradient
+             clipping 0.25, linear warm-up, standardized states, returns-to-go times 0.001, context 20, 3 layers, 1
+             head; its state embedding is a linear layer, as ours) with the --dt-* settings, acting through its
+             stateful wrapper at --dt-target. Evaluated every --eval-every steps on --eval-episodes episodes of the
+             dataset's evaluation env, with the seeds our scripts use at that step
 
 Every run is a subprocess with --threads torch threads (OMP_NUM_THREADS); runs go one at a time. Each writes
 <out>/<algo>/<impl>/<dataset>/seed<N>.json (and a .log); a run whose .json exists is not run again, so the same
@@ -76,7 +80,10 @@ CORL_SCRIPTS = {
 OURS = {"bc10": ("bc", ["--top-fraction", "0.1", "--discount", "1.0"])}
 # CORL's dt.py evaluates after its first update too (step 0 of its loop): that evaluation is left out
 SKIPPED_EVALUATIONS = {"dt": 1}
-IMPLS = {algo: ("ours", "corl") for algo in CORL_SCRIPTS} | {"rebrac": ("ours", "d3rlpy")}
+IMPLS = {algo: ("ours", "corl") for algo in CORL_SCRIPTS} | {
+    "rebrac": ("ours", "d3rlpy"),
+    "dt": ("ours", "corl", "d3rlpy"),
+}
 
 
 @dataclass
@@ -391,9 +398,10 @@ def corl_script(path: str, folder: Path, script: str = "td3_bc.py") -> Path:
     return folder / f"corl_{script}"
 
 
-# ---- d3rlpy's ReBRAC: a worker process ---------------------------------------------------------------------
+# ---- d3rlpy's ReBRAC and DecisionTransformer: a worker process ---------------------------------------------
 def d3rlpy_worker(spec: dict) -> None:
-    """Train d3rlpy's ReBRAC with fit() on the Minari dataset; evaluate at the end of every epoch (--eval-every)."""
+    """Train d3rlpy's ReBRAC or DecisionTransformer with fit() on the Minari dataset; evaluate every --eval-every
+    steps on our scripts' evaluation seeds at that step."""
     import d3rlpy
     import gymnasium as gym
     import minari
@@ -421,6 +429,66 @@ def d3rlpy_worker(spec: dict) -> None:
     scaler = None
     if not (np.all(low == -1) and np.all(high == 1)):
         scaler = d3rlpy.preprocessing.MinMaxActionScaler(minimum=low, maximum=high)
+    env = gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True))
+    meta = dataset.storage.metadata
+    result = {"evals": [], "train_seconds": 0.0, "steps": 0}
+    clock = {"window": time.perf_counter()}
+
+    def evaluate(algo, total_step):
+        t = time.perf_counter()
+        result["train_seconds"] += t - clock["window"]
+        seeds = np.random.SeedSequence([spec["seed"], total_step]).generate_state(spec["eval_episodes"])
+        returns = []
+        for seed in seeds:  # our scripts' evaluation seeds at this step
+            obs, _ = env.reset(seed=int(seed))
+            act = episode_policy(algo)
+            done, total, reward = False, 0.0, 0.0
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(act(obs.astype(np.float32), reward))
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+        score = 100 * (np.mean(returns) - meta["ref_min_score"]) / (meta["ref_max_score"] - meta["ref_min_score"])
+        result["evals"].append(
+            {"step": total_step, "normalized_score": float(score), "seconds": time.perf_counter() - t}
+        )
+        result["steps"] = total_step
+        Path(spec["result"]).write_text(json.dumps(result))
+        print(f"step {total_step}: normalized score {score:.1f}", flush=True)
+        clock["window"] = time.perf_counter()
+
+    fit = dict(n_steps=spec["steps"], logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=False)
+    if spec["algo"] == "dt":  # d3rlpy's reproduction settings but for the sizes, rates and target shared with ours
+        optim = d3rlpy.optimizers.AdamWFactory(
+            weight_decay=1e-4,
+            clip_grad_norm=0.25,
+            lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=spec["warmup_steps"]),
+        )
+        config = d3rlpy.algos.DecisionTransformerConfig(
+            batch_size=spec["batch_size"],
+            learning_rate=spec["learning_rate"],
+            optim_factory=optim,
+            encoder_factory=d3rlpy.models.VectorEncoderFactory([spec["embedding_dim"]], exclude_last_activation=True),
+            observation_scaler=d3rlpy.preprocessing.StandardObservationScaler(),
+            reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(0.001),
+            action_scaler=scaler,
+            context_size=20,
+            max_timestep=1000,
+            num_heads=1,
+            num_layers=3,
+        )
+
+        def episode_policy(algo):
+            wrapper = algo.as_stateful_wrapper(target_return=spec["target"])  # a new context per episode
+            return lambda obs, reward: wrapper.predict(obs, float(reward))
+
+        def every_step(algo, epoch, total_step):
+            if total_step % spec["eval_every"] == 0:
+                evaluate(algo, total_step)
+
+        algo = config.create(device="cpu:0")
+        algo.fit(mdp, n_steps_per_epoch=spec["eval_every"], callback=every_step, **fit)
+        return
     config = d3rlpy.algos.ReBRACConfig(
         batch_size=spec["batch_size"],
         actor_learning_rate=1e-3,
@@ -437,42 +505,12 @@ def d3rlpy_worker(spec: dict) -> None:
         update_actor_interval=2,
         action_scaler=scaler,
     )
+
+    def episode_policy(algo):
+        return lambda obs, reward: algo.predict(obs[None])[0]
+
     algo = config.create(device="cpu:0")
-    env = gym.wrappers.FlattenObservation(dataset.recover_environment(eval_env=True))
-    meta = dataset.storage.metadata
-    result = {"evals": [], "train_seconds": 0.0, "steps": 0}
-    clock = {"window": time.perf_counter()}
-
-    def evaluate(algo, epoch, total_step):
-        t = time.perf_counter()
-        result["train_seconds"] += t - clock["window"]
-        seeds = np.random.SeedSequence([spec["seed"], total_step]).generate_state(spec["eval_episodes"])
-        returns = []
-        for seed in seeds:  # our scripts' evaluation seeds at this step
-            obs, _ = env.reset(seed=int(seed))
-            done, total = False, 0.0
-            while not done:
-                obs, reward, terminated, truncated, _ = env.step(algo.predict(obs[None].astype(np.float32))[0])
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-        score = 100 * (np.mean(returns) - meta["ref_min_score"]) / (meta["ref_max_score"] - meta["ref_min_score"])
-        result["evals"].append(
-            {"step": total_step, "normalized_score": float(score), "seconds": time.perf_counter() - t}
-        )
-        result["steps"] = total_step
-        Path(spec["result"]).write_text(json.dumps(result))
-        print(f"step {total_step}: normalized score {score:.1f}", flush=True)
-        clock["window"] = time.perf_counter()
-
-    algo.fit(
-        mdp,
-        n_steps=spec["steps"],
-        n_steps_per_epoch=spec["eval_every"],
-        logger_adapter=d3rlpy.logging.NoopAdapterFactory(),
-        show_progress=False,
-        epoch_callback=evaluate,
-    )
+    algo.fit(mdp, n_steps_per_epoch=spec["eval_every"], epoch_callback=lambda a, e, step: evaluate(a, step), **fit)
 
 
 # ---- running and reading the runs --------------------------------------------------------------------------
@@ -504,9 +542,13 @@ def command(args: Args, algo: str, impl: str, dataset: str, seed: int, result: P
         values.update(dt_warmup_steps=args.dt_warmup_steps, dt_target=dt_target(args, dataset) if algo == "dt" else 0)
         values.update(dt_embedding_dim=args.dt_embedding_dim)
         return [sys.executable, str(shims / f"corl_{script}"), *flags.format(**values).split(), "--device", "cpu"]
-    spec = {"dataset": dataset, "seed": seed, "steps": args.steps, "eval_every": args.eval_every}
-    spec.update(eval_episodes=args.eval_episodes, batch_size=args.rebrac_batch_size, beta1=args.beta1)
-    spec.update(beta2=args.beta2, threads=args.threads, result=str(result.with_suffix(".partial.json")))
+    spec = {"algo": algo, "dataset": dataset, "seed": seed, "steps": args.steps, "eval_every": args.eval_every}
+    spec.update(eval_episodes=args.eval_episodes, threads=args.threads, result=str(result.with_suffix(".partial.json")))
+    if algo == "dt":
+        spec.update(batch_size=args.dt_batch_size, learning_rate=args.dt_learning_rate, target=dt_target(args, dataset))
+        spec.update(warmup_steps=args.dt_warmup_steps, embedding_dim=args.dt_embedding_dim)
+    else:
+        spec.update(batch_size=args.rebrac_batch_size, beta1=args.beta1, beta2=args.beta2)
     return [sys.executable, str(Path(__file__).resolve()), "_d3rlpy_worker", json.dumps(spec)]
 
 
