@@ -449,6 +449,8 @@ def exported_policy(path: str, env: gym.Env):
         raise UserError(str(e)) from e
     try:
         shape = policy(torch.zeros(1, gym.spaces.flatdim(env.observation_space))).shape
+    except policy_tool.PolicyFileError as e:  # a sequence model's file (dt.py) takes a window of steps
+        raise UserError(f"{e}: collect.py records with such a policy from its run's checkpoint, not its file") from e
     except Exception as e:
         error = f"{type(e).__name__}: {str(e)[:200]}"
         raise UserError(f"{path} is not a policy exported for env {env.spec.id} ({error})") from e

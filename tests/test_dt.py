@@ -347,6 +347,11 @@ def test_the_exported_policy_takes_the_window_and_drives_the_env_from_an_empty_f
         obs, reward, *_ = env.step(expected[-1])
         rewards = np.array([reward])
     np.testing.assert_allclose(np.load(empty / "actions.npy"), np.array(expected), rtol=1e-5, atol=1e-5)
+    import collect  # it records with the run's checkpoint (below), not with the file: no window keeper for it
+
+    argv = ["--policy", "checkpoint", "--checkpoint", tmp_path / "policy.pt2", "--env", "Pendulum-v1"]
+    with pytest.raises(collect.UserError, match="takes 4 input tensors.*from its run's checkpoint, not its file"):
+        collect.main([str(a) for a in [*argv, "--episodes", 1, "--dataset-id", "local/pendulum/dt-file-v0"]])
 
 
 def test_collect_records_with_a_checkpoint_that_keeps_each_episodes_context(pendulum, tmp_path):
