@@ -26,11 +26,11 @@ Implementations (`--impls`):
     d3rlpy   ReBRAC and DT: d3rlpy's ReBRAC or DecisionTransformer (when `import d3rlpy` works), trained with its
              own fit() on an MDPDataset built from the Minari episodes. ReBRAC configured like CORL's locomotion
              ReBRAC (3 x 256 actor and critics, LayerNorm in the critics, batch --rebrac-batch-size, lr 1e-3, beta1
-             --beta1, beta2 --beta2); DT like d3rlpy's reproduction script (AdamW with weight decay 1e-4, gradient
-             clipping 0.25, linear warm-up, standardized states, returns-to-go times 0.001, context 20, 3 layers, 1
-             head; its state embedding is a linear layer, as ours) with the --dt-* settings, acting through its
-             stateful wrapper at --dt-target. Evaluated every --eval-every steps on --eval-episodes episodes of the
-             dataset's evaluation env, with the seeds our scripts use at that step
+             --beta1, beta2 --beta2); DT like d3rlpy's reproduction script (standardized states, returns-to-go times
+             0.001, context 20, 3 layers, 1 head, a linear state embedding, AdamW with weight decay 1e-4 and a linear
+             warm-up) but with CORL's decay on every parameter and clipping at 0.25, the --dt-* settings, acting
+             through its stateful wrapper at --dt-target. Evaluated every --eval-every steps on --eval-episodes
+             episodes of the dataset's evaluation env, with the seeds our scripts use at that step
 
 Every run is a subprocess with --threads torch threads (OMP_NUM_THREADS); runs go one at a time. Each writes
 <out>/<algo>/<impl>/<dataset>/seed<N>.json (and a .log); a run whose .json exists is not run again, so the same
@@ -458,7 +458,7 @@ def d3rlpy_worker(spec: dict) -> None:
         clock["window"] = time.perf_counter()
 
     fit = dict(n_steps=spec["steps"], logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=False)
-    if spec["algo"] == "dt":  # d3rlpy's reproduction settings but for the sizes, rates and target shared with ours
+    if spec["algo"] == "dt":  # d3rlpy's reproduction settings; CORL's decay and clipping, the sizes shared with ours
         optim = d3rlpy.optimizers.AdamWFactory(
             weight_decay=1e-4,
             clip_grad_norm=0.25,
