@@ -100,8 +100,14 @@ def check_args(args: Args) -> list:
         problems.append("actor_lr must be > 0")
     if min(args.hidden_dim, args.n_hidden) < 1:
         problems.append("hidden_dim and n_hidden must be >= 1")
-    if args.online_steps:
-        problems.append("bc.py does not fine-tune online (CORL has no BC fine-tuning recipe): --online-steps must be 0")
+    if args.online_steps or args.mixing_ratio is not None:
+        problems.append(
+            "bc.py does not fine-tune online (CORL has no BC fine-tuning recipe): no --online-steps or --mixing-ratio"
+        )
+    if args.normalize_reward or args.reward_scale != 1 or args.reward_bias:
+        problems.append(
+            "bc.py reads no rewards: --normalize-reward, --reward-scale and --reward-bias would change nothing"
+        )
     return problems
 
 
@@ -648,7 +654,7 @@ class Buffer:
     offline_steps: int
     offline_rows: int
     episode_starts: torch.Tensor  # (episodes + 1,): the first transition of each offline episode, then offline_steps
-    seq_len: int  # > 0: sample() draws segments of seq_len steps
+    segment: torch.Tensor  # arange(seq_len): sample() draws segments of seq_len steps (SEQUENCE_MODEL); else empty
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
@@ -662,7 +668,7 @@ class Buffer:
         return self.index[torch.cat([offline, online])]
 
     def sample(self, batch_size: int, offline_share: float | None = None) -> dict:
-        if self.seq_len:
+        if len(self.segment):
             return self.sample_segments(batch_size)
         i = self.draw(batch_size, offline_share)
         obs, next_obs = self.obs[self.rows[:, i]]
@@ -684,7 +690,7 @@ class Buffer:
         i = self.draw(batch_size)
         episode = self.rows[0, i] - i  # episode k's observations start at row first + k
         first, end = self.episode_starts[episode, None], self.episode_starts[episode + 1, None]
-        t = i[:, None] + torch.arange(self.seq_len, device=i.device)
+        t = i[:, None] + self.segment
         mask = t < end
         steps = self.steps[torch.minimum(t, end - 1)] * mask[..., None]
         obs = self.obs[self.rows[0, torch.minimum(t, end - 1)]] * mask[..., None]
@@ -820,8 +826,8 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
     starts = torch.from_numpy(np.cumsum([0, *lengths])).to(device)
-    seq_len = args.seq_len if SEQUENCE_MODEL else 0
-    buffer = Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows, starts, seq_len)
+    segment = torch.arange(args.seq_len if SEQUENCE_MODEL else 0, device=device)
+    buffer = Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows, starts, segment)
     return buffer, stats
 
 

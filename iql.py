@@ -785,7 +785,7 @@ class Buffer:
     offline_steps: int
     offline_rows: int
     episode_starts: torch.Tensor  # (episodes + 1,): the first transition of each offline episode, then offline_steps
-    seq_len: int  # > 0: sample() draws segments of seq_len steps
+    segment: torch.Tensor  # arange(seq_len): sample() draws segments of seq_len steps (SEQUENCE_MODEL); else empty
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
@@ -799,7 +799,7 @@ class Buffer:
         return self.index[torch.cat([offline, online])]
 
     def sample(self, batch_size: int, offline_share: float | None = None) -> dict:
-        if self.seq_len:
+        if len(self.segment):
             return self.sample_segments(batch_size)
         i = self.draw(batch_size, offline_share)
         obs, next_obs = self.obs[self.rows[:, i]]
@@ -821,7 +821,7 @@ class Buffer:
         i = self.draw(batch_size)
         episode = self.rows[0, i] - i  # episode k's observations start at row first + k
         first, end = self.episode_starts[episode, None], self.episode_starts[episode + 1, None]
-        t = i[:, None] + torch.arange(self.seq_len, device=i.device)
+        t = i[:, None] + self.segment
         mask = t < end
         steps = self.steps[torch.minimum(t, end - 1)] * mask[..., None]
         obs = self.obs[self.rows[0, torch.minimum(t, end - 1)]] * mask[..., None]
@@ -957,8 +957,8 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
     starts = torch.from_numpy(np.cumsum([0, *lengths])).to(device)
-    seq_len = args.seq_len if SEQUENCE_MODEL else 0
-    buffer = Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows, starts, seq_len)
+    segment = torch.arange(args.seq_len if SEQUENCE_MODEL else 0, device=device)
+    buffer = Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows, starts, segment)
     return buffer, stats
 
 

@@ -297,6 +297,13 @@ def assert_compiled_equals_eager(runs: dict) -> None:
     assert_same_networks(compiled_nets, eager_nets, rtol=1e-4, atol=1e-5)
 
 
+def assert_invalid(script, flags: dict, message: str) -> None:
+    """The script's validate refuses Args(**flags): a UserError about invalid hyperparameters that names the problem."""
+    with pytest.raises(script.UserError, match="invalid hyperparameters") as error:
+        script.validate(script.Args(**flags))
+    assert message in str(error.value)
+
+
 def assert_bf16_close(m16: dict, m32: dict, names: tuple) -> None:
     """bf16 metrics in float32 and within 3 % of the float32 run's (absolute 3e-4 near zero)."""
     for k in names:

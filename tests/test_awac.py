@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
+    assert_invalid,
     assert_same_networks,
     compiled_and_eager_updates,
     fixed_batch,
@@ -25,17 +26,7 @@ OBS, ACT, B = 3, 2, 64
 
 
 # ---- losses ---------------------------------------------------------------------------------------------
-def test_td_target_bootstraps_the_min_of_the_target_critics_except_after_a_termination():
-    rewards, dones, next_q = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), torch.tensor([2.0, 100.0])
-    torch.testing.assert_close(awac.td_target(rewards, dones, next_q, 0.9), torch.tensor([2.8, 0.5]))
-
-
-def test_td_loss_sums_the_two_critics_mse():
-    q, target = torch.tensor([[1.0, 0.0], [2.0, 0.5]]), torch.tensor([2.8, 0.5])
-    expected = ((1.0 - 2.8) ** 2 + 0.5**2) / 2 + ((2.0 - 2.8) ** 2 + 0.0) / 2
-    assert awac.td_loss(q, target).item() == pytest.approx(expected)
-
-
+# (its TD target and loss are TD3+BC's: tested in test_td3_bc.py)
 def test_weights_are_exp_advantage_over_lambda_clipped_at_max_weight_without_gradient():
     q_data = torch.tensor([1.0, 0.0, 10.0], requires_grad=True)
     q_pi = torch.tensor([0.5, 0.3, 0.0])
@@ -237,6 +228,4 @@ def test_antmaze_rewards_become_minus_one_and_zero():
     ],
 )
 def test_out_of_range_values_are_refused(flags, message):
-    with pytest.raises(awac.UserError, match="invalid hyperparameters") as error:
-        awac.validate(awac.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(awac, flags, message)

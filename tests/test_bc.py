@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
+    assert_invalid,
     assert_same_networks,
     assert_user_error,
     compiled_and_eager_updates,
@@ -112,12 +113,13 @@ def test_per_domain_settings_are_corls(env):
         (dict(n_hidden=0), "hidden_dim and n_hidden must be >= 1"),
         (dict(discount=1.5), "discount must be in [0, 1]"),
         (dict(online_steps=10), "bc.py does not fine-tune online"),
+        (dict(mixing_ratio=0.5), "bc.py does not fine-tune online"),
+        (dict(reward_scale=2.0), "bc.py reads no rewards"),
+        (dict(normalize_reward=True), "bc.py reads no rewards"),
     ],
 )
 def test_out_of_range_values_and_fine_tuning_are_refused(flags, message):
-    with pytest.raises(bc.UserError, match="invalid hyperparameters") as error:
-        bc.validate(bc.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(bc, flags, message)
 
 
 def test_online_steps_are_refused_on_the_command_line_before_any_data_is_read(pendulum):

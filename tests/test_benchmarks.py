@@ -105,9 +105,8 @@ def test_the_corl_shims_give_the_minari_data_and_the_old_api(pendulum, tmp_path)
     assert evaluation["step"] == 1 and evaluation["normalized_score"] == pytest.approx(expected)
 
 
-def test_the_wandb_shim_times_training_apart_from_evaluations_and_steps_them_by_eval_every(tmp_path, monkeypatch):
-    """AWAC's pattern (a raw score logged before the normalized one) and SAC-N's score name; evaluations begin when
-    CORL's eval_actor seeds the env (the gym shim calls evaluation_starts)."""
+def wandb_shim(tmp_path, monkeypatch):
+    """compare.py's wandb shim, imported, on a clock that ticks 1 s per reading, evaluating every 1000 steps."""
     shims = compare.write_shims(tmp_path / "shims")
     spec = importlib.util.spec_from_file_location("wandb_shim", shims / "wandb" / "__init__.py")
     wandb = importlib.util.module_from_spec(spec)
@@ -116,6 +115,13 @@ def test_the_wandb_shim_times_training_apart_from_evaluations_and_steps_them_by_
     monkeypatch.setattr(wandb, "time", types.SimpleNamespace(perf_counter=lambda: float(next(now))))
     monkeypatch.setenv("COMPARE_RESULT", str(tmp_path / "result.json"))
     monkeypatch.setenv("COMPARE_EVAL_EVERY", "1000")
+    return wandb
+
+
+def test_the_wandb_shim_times_training_apart_from_evaluations_and_steps_them_by_eval_every(tmp_path, monkeypatch):
+    """AWAC's pattern (a raw score logged before the normalized one) and SAC-N's score name; evaluations begin when
+    CORL's eval_actor seeds the env (the gym shim calls evaluation_starts)."""
+    wandb = wandb_shim(tmp_path, monkeypatch)
     wandb.evaluation_starts()  # t = 0: CORL's set_seed(seed, env) before wandb.init: not an evaluation
     wandb.init()
     wandb.log({"critic_loss": 1.0}, step=0)  # 1: the first step is done, training time starts
@@ -137,14 +143,7 @@ def test_the_wandb_shim_reads_dts_first_target_and_leaves_out_its_evaluation_aft
 ):
     """CORL's dt.py evaluates after its update of step 0 and then every eval_every steps, each target return in turn
     (env.seed, then eval/<R>_normalized_score_mean): the first target's scores count, from the second evaluation on."""
-    shims = compare.write_shims(tmp_path / "shims")
-    spec = importlib.util.spec_from_file_location("wandb_shim", shims / "wandb" / "__init__.py")
-    wandb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wandb)
-    now = iter(range(100))
-    monkeypatch.setattr(wandb, "time", types.SimpleNamespace(perf_counter=lambda: float(next(now))))
-    monkeypatch.setenv("COMPARE_RESULT", str(tmp_path / "result.json"))
-    monkeypatch.setenv("COMPARE_EVAL_EVERY", "1000")
+    wandb = wandb_shim(tmp_path, monkeypatch)
     monkeypatch.setenv("COMPARE_SKIPPED", "1")
     wandb.init()
     for step, score in ((0, 1.0), (1000, 40.0), (1999, 60.0)):

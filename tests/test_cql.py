@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_invalid
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
 import cql
@@ -589,9 +590,7 @@ def test_antmaze_rewards_become_minus_five_plus_five():
     ],
 )
 def test_flags_without_effect_and_out_of_range_values_are_refused(flags, message):
-    with pytest.raises(cql.UserError, match="invalid hyperparameters") as error:
-        cql.validate(cql.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(cql, flags, message)
     cql.validate(cql.Args(cql_lagrange=True, cql_target_action_gap=0.8, autotune=False, alpha=0.1))
     cql.validate(cql.Args(cql_alpha=0.0))  # offline SAC: fine
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     assert_compiled_equals_eager,
+    assert_invalid,
     assert_same_networks,
     assert_user_error,
     compiled_and_eager_updates,
@@ -295,12 +296,11 @@ def test_a_config_file_and_flags_set_the_target_returns(tmp_path):
         (dict(normalize_reward=True), "scaled by reward_scale > 0 alone"),
         (dict(reward_bias=-1.0), "scaled by reward_scale > 0 alone"),
         (dict(online_steps=10), "dt.py does not fine-tune online"),
+        (dict(mixing_ratio=0.5), "dt.py does not fine-tune online"),
     ],
 )
 def test_out_of_range_values_and_fine_tuning_are_refused(flags, message):
-    with pytest.raises(dt.UserError, match="invalid hyperparameters") as error:
-        dt.validate(dt.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(dt, flags, message)
 
 
 def test_online_steps_are_refused_on_the_command_line_before_any_data_is_read(pendulum):

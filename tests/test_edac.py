@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_bf16_close, assert_compiled_equals_eager, compiled_and_eager_updates
+from conftest import assert_bf16_close, assert_compiled_equals_eager, assert_invalid, compiled_and_eager_updates
 from test_sac_n import ADROIT_TASKS, assert_corl_settings, assert_update_equals_reference, build
 
 import edac
@@ -135,6 +135,4 @@ def test_settings_are_corls_for_every_dataset_of_its_configs(env):
     ],
 )
 def test_out_of_range_values_and_fine_tuning_are_refused(flags, message):
-    with pytest.raises(edac.UserError, match="invalid hyperparameters") as error:
-        edac.validate(edac.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(edac, flags, message)

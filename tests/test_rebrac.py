@@ -12,6 +12,7 @@ import torch
 from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
+    assert_invalid,
     assert_same_networks,
     compiled_and_eager_updates,
     fixed_batch,
@@ -345,7 +346,5 @@ def test_antmaze_rewards_are_multiplied_by_100():
     ],
 )
 def test_out_of_range_values_are_refused(flags, message):
-    with pytest.raises(rebrac.UserError, match="invalid hyperparameters") as error:
-        rebrac.validate(rebrac.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(rebrac, flags, message)
     rebrac.validate(rebrac.Args(beta1=0.0, beta2=0.0))  # TD3 with LayerNorm: allowed

@@ -14,6 +14,7 @@ import torch.nn as nn
 from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
+    assert_invalid,
     assert_same_networks,
     assert_user_error,
     compiled_and_eager_updates,
@@ -339,9 +340,7 @@ def test_datasets_without_a_corl_config_get_the_defaults():
     ],
 )
 def test_out_of_range_values_and_fine_tuning_are_refused(flags, message):
-    with pytest.raises(sac_n.UserError, match="invalid hyperparameters") as error:
-        sac_n.validate(sac_n.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(sac_n, flags, message)
     sac_n.validate(sac_n.Args(num_critics=1))  # SAC with one critic: allowed
 
 

@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
+    assert_invalid,
     assert_same_networks,
     compiled_and_eager_updates,
     fixed_batch,
     metrics_and_moved_networks,
 )
 
+import awac
 import td3_bc
 
 OBS, ACT, B = 3, 2, 64
@@ -31,16 +33,21 @@ def test_smoothed_target_action_clips_the_noise_to_noise_clip_and_the_action_to_
     torch.testing.assert_close(td3_bc.smoothed_target_action(target_action, noise, 0.5), expected)
 
 
-def test_td_target_bootstraps_the_min_of_the_target_critics_except_after_a_termination():
+TWIN_CRITICS = pytest.mark.parametrize("script", [td3_bc, awac], ids=["td3_bc", "awac"])  # the same TD step
+
+
+@TWIN_CRITICS
+def test_td_target_bootstraps_the_min_of_the_target_critics_except_after_a_termination(script):
     rewards, dones, next_q = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), torch.tensor([2.0, 100.0])
     # 1 + 0.9 * 2 = 2.8; 0.5 (terminal: no bootstrap)
-    torch.testing.assert_close(td3_bc.td_target(rewards, dones, next_q, 0.9), torch.tensor([2.8, 0.5]))
+    torch.testing.assert_close(script.td_target(rewards, dones, next_q, 0.9), torch.tensor([2.8, 0.5]))
 
 
-def test_td_loss_sums_the_two_critics_mse():
+@TWIN_CRITICS
+def test_td_loss_sums_the_two_critics_mse(script):
     q, target = torch.tensor([[1.0, 0.0], [2.0, 0.5]]), torch.tensor([2.8, 0.5])
     expected = ((1.0 - 2.8) ** 2 + 0.5**2) / 2 + ((2.0 - 2.8) ** 2 + 0.0) / 2
-    assert td3_bc.td_loss(q, target).item() == pytest.approx(expected)
+    assert script.td_loss(q, target).item() == pytest.approx(expected)
 
 
 def test_lambda_is_alpha_over_the_mean_absolute_q_and_carries_no_gradient():
@@ -237,7 +244,5 @@ def test_antmaze_rewards_become_minus_one_and_zero():
     ],
 )
 def test_out_of_range_values_are_refused(flags, message):
-    with pytest.raises(td3_bc.UserError, match="invalid hyperparameters") as error:
-        td3_bc.validate(td3_bc.Args(**flags))
-    assert message in str(error.value)
+    assert_invalid(td3_bc, flags, message)
     td3_bc.validate(td3_bc.Args(alpha=0.0))  # behaviour cloning alone: allowed
