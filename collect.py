@@ -431,44 +431,56 @@ def script_policy(path: str, env: gym.Env):
             f"{env.spec.id} has {obs_dim} and [{space.low}, {space.high}]: it was trained for another env"
         )
     act = next(iter(script.numpy_policies(module, ckpt["normalization"], torch.device("cpu")).values()))
+    return unit_actor(act, space)
+
+
+def exported_policy(path: str, env: gym.Env):
+    """A policy file written by policy.py export (torch.export: raw flat observation in, env action out; a sequence
+    model's: its window of steps in, kept by its script's context_policy at the file's first target return), as an
+    actor: (flat observation, reward of the step before) -> action in [-1, 1]. Read by load_exported_policy and
+    policy_info: it cannot run code."""
+    space, obs_dim = env.action_space, gym.spaces.flatdim(env.observation_space)
+    try:
+        policy = policy_tool.load_exported_policy(path)
+        info = policy_tool.policy_info(path)
+    except policy_tool.PolicyFileError as e:
+        raise UserError(str(e)) from e
+    if "seq_len" in info:
+        try:
+            keep_window = policy_tool.import_script(info["algo"], None).context_policy
+        except (policy_tool.UserError, AttributeError):
+            raise UserError(
+                f"{path} is a window policy of {info['algo']}.py (its policy.json), and there is no such script with "
+                f"a context_policy beside policy.py to keep its window"
+            ) from None
+        cpu = torch.device("cpu")
+        act = keep_window(policy, info["target_returns"][0], info["seq_len"], space.shape[0], cpu)
+    else:
+
+        def act(obs: np.ndarray, rewards: np.ndarray | None) -> np.ndarray:
+            return policy(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+
+    try:
+        shape = act(np.zeros((1, obs_dim), np.float32), None).shape
+    except Exception as e:  # a window policy's file without policy.json takes 4 inputs, not 1
+        error = f"{type(e).__name__}: {str(e)[:200]}"
+        raise UserError(
+            f"{path} is not a policy exported for env {env.spec.id} ({error}); export it again with policy.py export"
+        ) from e
+    if shape != (1, *space.shape):
+        raise UserError(f"{path} acts with shape {tuple(shape)[1:]}, env {env.spec.id} with {space.shape}")
+    return unit_actor(act, space)
+
+
+def unit_actor(act, space: gym.spaces.Box):
+    """act(observation batch, rewards of the step before or None) -> env actions, as an actor: (flat observation,
+    reward) -> action in [-1, 1]."""
 
     def actor(obs: np.ndarray, reward: float | None = None) -> np.ndarray:
         action = act(obs[None], None if reward is None else np.array([reward]))[0].astype(np.float64)
         return np.clip(2.0 * (action - space.low) / (space.high - space.low) - 1.0, -1.0, 1.0)
 
     return actor
-
-
-def exported_policy(path: str, env: gym.Env):
-    """A policy file written by policy.py export (torch.export: raw flat observation in, env action
-    out), as an actor: flat observation -> action in [-1, 1]. Read by load_exported_policy: it cannot run code."""
-    space = env.action_space
-    try:
-        policy = policy_tool.load_exported_policy(path)
-    except policy_tool.PolicyFileError as e:
-        raise UserError(str(e)) from e
-    try:
-        shape = policy(torch.zeros(1, gym.spaces.flatdim(env.observation_space))).shape
-    except policy_tool.PolicyFileError as e:  # a sequence model's file (dt.py) takes a window of steps
-        raise UserError(f"{e}: collect.py records with such a policy from its run's checkpoint, not its file") from e
-    except Exception as e:
-        error = f"{type(e).__name__}: {str(e)[:200]}"
-        raise UserError(f"{path} is not a policy exported for env {env.spec.id} ({error})") from e
-    if shape != (1, *space.shape):
-        raise UserError(f"{path} acts with shape {tuple(shape)[1:]}, env {env.spec.id} with {space.shape}")
-
-    return env_action_policy(policy, space)
-
-
-def env_action_policy(policy, space: gym.spaces.Box):
-    """A module from raw observations to env actions as an actor: flat observation -> action in [-1, 1]."""
-
-    @torch.no_grad()
-    def act(obs: np.ndarray, reward: float | None = None) -> np.ndarray:
-        action = policy(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy().astype(np.float64)
-        return np.clip(2.0 * (action - space.low) / (space.high - space.low) - 1.0, -1.0, 1.0)
-
-    return act
 
 
 # ---- Recording: an episode is a dict of EpisodeBuffer's fields, lists while it is played, then arrays --------------

@@ -51,7 +51,6 @@ except ImportError:  # Windows: no lock
 
 ALGO = "cql"
 NEEDS_NEXT_ACTION = False  # CQL's batches need no next action: every transition is sampled
-SEQUENCE_MODEL = False  # batches of transitions; the actor acts on each observation alone
 
 
 @dataclasses.dataclass
@@ -411,11 +410,11 @@ def explore(nets: dict, obs: torch.Tensor, args: Args) -> torch.Tensor:
 # ======== SHARED BLOCK (loop) begins ========
 # The loop and the shared block after the algorithm are the same in every script: edit them in iql.py, then run
 # `python tools/shared_block.py --fix`. They use of the algorithm: ALGO, NEEDS_NEXT_ACTION (batches carry the next
-# action), SEQUENCE_MODEL (batches are segments of args.seq_len steps; the actor makes its numpy_policies: dt.py),
-# Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio), check_args,
-# DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; "actor": states to actions in
-# [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a dict of detached
-# tensors) and explore (the online behaviour policy).
+# action), Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio; a sequence
+# model's seq_len: batches of segments), check_args, DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks
+# (a dict of modules; "actor": states to actions in [-1, 1]; a sequence model's has numpy_policies), make_optimizers (a
+# dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a dict of detached tensors) and explore (the
+# online behaviour policy).
 def train(args: Args, ckpt: dict | None = None) -> None:
     """Sample a batch, update, log, evaluate, checkpoint; online (after total_steps), an env step first."""
     # data, networks, optimizers, envs and the run folder; on --resume, as the checkpoint left them
@@ -883,7 +882,7 @@ class Buffer:
     offline_steps: int
     offline_rows: int
     episode_starts: torch.Tensor  # (episodes + 1,): the first transition of each offline episode, then offline_steps
-    segment: torch.Tensor  # arange(seq_len): sample() draws segments of seq_len steps (SEQUENCE_MODEL); else empty
+    segment: torch.Tensor  # arange(args.seq_len): sample() draws segments of seq_len steps (dt.py); else empty
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
@@ -1055,7 +1054,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
     starts = torch.from_numpy(np.cumsum([0, *lengths])).to(device)
-    segment = torch.arange(args.seq_len if SEQUENCE_MODEL else 0, device=device)
+    segment = torch.arange(getattr(args, "seq_len", 0), device=device)  # a sequence model's segments (dt.py)
     buffer = Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows, starts, segment)
     return buffer, stats
 
@@ -1179,7 +1178,7 @@ class Policy(nn.Module):
 
 def numpy_policies(policy: Policy, stats: dict, device: torch.device) -> dict:
     """{condition: act}, act(obs, rewards of the step before, None at new episodes) -> actions, on numpy arrays."""
-    if SEQUENCE_MODEL:
+    if hasattr(policy.actor, "numpy_policies"):  # a sequence model's, which keep each episode's context (dt.py)
         return policy.actor.numpy_policies(policy, stats, device)
 
     @torch.no_grad()

@@ -49,7 +49,6 @@ except ImportError:  # Windows: no lock
 
 ALGO = "dt"
 NEEDS_NEXT_ACTION = False  # segments read (s, a, return-to-go) of each step
-SEQUENCE_MODEL = True  # batches are segments of seq_len steps; the policy acts on its episode's last seq_len steps
 
 
 @dataclasses.dataclass
@@ -58,7 +57,7 @@ class Args:
     embedding_dim: int = 128  # width of the tokens
     num_layers: int = 3  # transformer blocks
     num_heads: int = 1  # attention heads
-    seq_len: int = 20  # steps per training segment, and of the context the policy acts on
+    seq_len: int = 20  # steps per segment (the shared block's batches for an Args with seq_len) and per context
     episode_len: int = 1000  # timesteps with an embedding of their own (later ones share the last)
     attention_dropout: float = 0.1  # dropout of the attention weights
     residual_dropout: float = 0.1  # dropout of each block's attention and MLP outputs
@@ -244,18 +243,24 @@ class DecisionTransformer(nn.Module):
         """The policy: an episode's last K steps (returns-to-go raw, the last action a placeholder) -> next action."""
         return self.predict(states, actions, returns_to_go * self.reward_scale, timesteps)[:, -1]
 
+    def targets(self, stats: dict) -> tuple:
+        """The returns to condition on: target_returns, or the dataset's best episode return and half of it."""
+        return self.target_returns or (stats["best_return"], stats["best_return"] / 2)
+
     def numpy_policies(self, policy: nn.Module, stats: dict, device: torch.device) -> dict:
-        """The shared block's acting functions: one per target return (target_returns, or the dataset's best episode
-        return and half of it), "target_<R>"."""
-        targets = self.target_returns or (stats["best_return"], stats["best_return"] / 2)
-        return {f"target_{target:g}": context_policy(policy, target, self.seq_len, device) for target in targets}
+        """The shared block's acting functions: one per target return, "target_<R>"."""
+        act_dim = self.action_emb.in_features
+        return {
+            f"target_{target:g}": context_policy(policy, target, self.seq_len, act_dim, device)
+            for target in self.targets(stats)
+        }
 
 
-def context_policy(policy: nn.Module, target_return: float, seq_len: int, device: torch.device):
+def context_policy(policy, target_return: float, seq_len: int, act_dim: int, device: torch.device):
     """act(obs, rewards) on n episodes in lockstep (CORL's eval_rollout, batched): each episode's last seq_len states,
-    actions, returns-to-go (the target less the rewards so far) and timesteps, one forward for all of them per step."""
+    actions, returns-to-go (the target less the rewards so far) and timesteps, one forward of policy (the Policy, or
+    its exported file: collect.py) for all of them per step."""
     window = {}
-    act_dim = len(policy.action_low)
 
     @torch.no_grad()
     def act(obs: np.ndarray, rewards: np.ndarray | None = None) -> np.ndarray:
@@ -326,11 +331,11 @@ def explore(nets: dict, obs: torch.Tensor, args: Args) -> torch.Tensor:
 # ======== SHARED BLOCK (loop) begins ========
 # The loop and the shared block after the algorithm are the same in every script: edit them in iql.py, then run
 # `python tools/shared_block.py --fix`. They use of the algorithm: ALGO, NEEDS_NEXT_ACTION (batches carry the next
-# action), SEQUENCE_MODEL (batches are segments of args.seq_len steps; the actor makes its numpy_policies: dt.py),
-# Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio), check_args,
-# DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks (a dict of modules; "actor": states to actions in
-# [-1, 1]), make_optimizers (a dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a dict of detached
-# tensors) and explore (the online behaviour policy).
+# action), Args (with discount, normalize_states, normalize_reward, reward_scale, reward_bias, mixing_ratio; a sequence
+# model's seq_len: batches of segments), check_args, DOMAIN_SETTINGS, DATASET_SETTINGS, FINETUNE_SETTINGS, make_networks
+# (a dict of modules; "actor": states to actions in [-1, 1]; a sequence model's has numpy_policies), make_optimizers (a
+# dict; "actor_opt" is the actor's), make_update (update(batch, step) -> a dict of detached tensors) and explore (the
+# online behaviour policy).
 def train(args: Args, ckpt: dict | None = None) -> None:
     """Sample a batch, update, log, evaluate, checkpoint; online (after total_steps), an env step first."""
     # data, networks, optimizers, envs and the run folder; on --resume, as the checkpoint left them
@@ -798,7 +803,7 @@ class Buffer:
     offline_steps: int
     offline_rows: int
     episode_starts: torch.Tensor  # (episodes + 1,): the first transition of each offline episode, then offline_steps
-    segment: torch.Tensor  # arange(seq_len): sample() draws segments of seq_len steps (SEQUENCE_MODEL); else empty
+    segment: torch.Tensor  # arange(args.seq_len): sample() draws segments of seq_len steps (dt.py); else empty
     episode_start: int = 0  # the first transition of the online episode in progress
 
     def draw(self, batch_size: int, offline_share: float | None = None) -> torch.Tensor:
@@ -970,7 +975,7 @@ def load_buffer(dataset: minari.MinariDataset, args: Args, device: torch.device)
     tensors = (x.to(device) for x in (obs_tensor, steps_tensor, rows_tensor, index_tensor))
     generator = torch.Generator(device).manual_seed(args.seed)
     starts = torch.from_numpy(np.cumsum([0, *lengths])).to(device)
-    segment = torch.arange(args.seq_len if SEQUENCE_MODEL else 0, device=device)
+    segment = torch.arange(getattr(args, "seq_len", 0), device=device)  # a sequence model's segments (dt.py)
     buffer = Buffer(*tensors, generator, n_index, n_index, n, n_offline_rows, n, n_offline_rows, starts, segment)
     return buffer, stats
 
@@ -1094,7 +1099,7 @@ class Policy(nn.Module):
 
 def numpy_policies(policy: Policy, stats: dict, device: torch.device) -> dict:
     """{condition: act}, act(obs, rewards of the step before, None at new episodes) -> actions, on numpy arrays."""
-    if SEQUENCE_MODEL:
+    if hasattr(policy.actor, "numpy_policies"):  # a sequence model's, which keep each episode's context (dt.py)
         return policy.actor.numpy_policies(policy, stats, device)
 
     @torch.no_grad()

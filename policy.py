@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -160,8 +161,11 @@ def export(cmd: Export) -> list:
     if cmd.onnx and not (importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript")):
         raise UserError("--onnx needs onnx and onnxscript: pip install onnx onnxscript (the project's [export] extra)")
     policy, ckpt, _, _ = load_policy(cmd.run, cmd.script)
+    info = {"algo": ckpt["algo"], "minari_id": ckpt["minari_id"], "step": ckpt["step"]}
+    if hasattr(policy.actor, "targets"):  # a sequence model's window policy (dt.py): what keeps its window
+        info.update(seq_len=policy.actor.seq_len, target_returns=list(policy.actor.targets(ckpt["normalization"])))
     try:
-        written = save_policy(policy, cmd.file, cmd.onnx)
+        written = save_policy(policy, cmd.file, cmd.onnx, info)
     except OSError as e:
         raise UserError(f"cannot write {cmd.file}: {e}") from None
     inputs = policy_inputs(policy, 100, torch.Generator().manual_seed(0))
@@ -170,6 +174,9 @@ def export(cmd: Export) -> list:
     for name in written:
         print(f"wrote {name}")
     print(f"{ckpt['algo']}.py step {ckpt['step']}: exported actions match the checkpoint's (max difference {gap:.1e})")
+    if "seq_len" in info:
+        targets = ", ".join(f"{r:g}" for r in info["target_returns"])
+        print(f"a window of up to {info['seq_len']} steps in; target returns {targets} in its policy.json")
     return written
 
 
@@ -188,9 +195,9 @@ def policy_inputs(policy: torch.nn.Module, n: int, generator: torch.Generator | 
     return obs, actions, returns_to_go, timesteps
 
 
-def save_policy(policy: torch.nn.Module, file: str, onnx: bool = False) -> list:
-    """torch.export's program of the policy, any batch size (and a sequence model's window: up to seq_len steps); with
-    onnx, an .onnx file beside it, weights inside."""
+def save_policy(policy: torch.nn.Module, file: str, onnx: bool = False, info: dict | None = None) -> list:
+    """torch.export's program of the policy, any batch size (and a sequence model's window: up to seq_len steps), with
+    info as its extra file policy.json (policy_info reads it); with onnx, an .onnx file beside it, weights inside."""
     inputs = policy_inputs(policy, 2)
     batch = torch.export.Dim("batch")
     names, dims = ["obs"], ({0: batch},)
@@ -200,7 +207,8 @@ def save_policy(policy: torch.nn.Module, file: str, onnx: bool = False) -> list:
         names, dims = ["states", "actions", "returns_to_go", "timesteps"], (steps, (steps, steps, steps))
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     with quiet():
-        torch.export.save(torch.export.export(policy, inputs, dynamic_shapes=dims), file)
+        program = torch.export.export(policy, inputs, dynamic_shapes=dims)
+        torch.export.save(program, file, extra_files={"policy.json": json.dumps(info or {})})
         if not onnx:
             return [file]
         onnx_file = str(Path(file).with_suffix(".onnx"))
@@ -408,6 +416,30 @@ def load_exported_policy(file) -> Callable[..., torch.Tensor]:
         return computed[output]
 
     return policy
+
+
+def policy_info(file) -> dict:
+    """The extra file policy.json of a policy file, checked: policy.py export writes the checkpoint's algo, minari_id
+    and step, and for a sequence model's window policy its seq_len and target_returns. {} where there is none."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(Path(file).read_bytes()))
+        names = [name for name in archive.namelist() if name.count("/") == 2 and name.endswith("/extra/policy.json")]
+        info = json.loads(archive.read(names[0])) if names else {}
+    except Exception as e:
+        raise PolicyFileError(f"{file}: its policy.json cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(info, dict):
+        raise PolicyFileError(f"{file}: its policy.json is not a mapping")
+    if ("seq_len" in info or "target_returns" in info) and not window_info(info):
+        raise PolicyFileError(f"{file}: its policy.json does not hold an algo, seq_len >= 1 and finite target_returns")
+    return info
+
+
+def window_info(info: dict) -> bool:
+    """A window policy's info names a script (letters, digits, _), a seq_len >= 1 and finite target returns."""
+    algo, seq_len, targets = info.get("algo"), info.get("seq_len"), info.get("target_returns")
+    named = isinstance(algo, str) and re.fullmatch(r"[a-z0-9_]+", algo) is not None
+    numbers = isinstance(targets, list) and all(type(r) in (int, float) and math.isfinite(r) for r in targets)
+    return named and type(seq_len) is int and seq_len >= 1 and numbers and len(targets) > 0
 
 
 @contextlib.contextmanager

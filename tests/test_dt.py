@@ -210,7 +210,7 @@ STATS["action_high"] = torch.full((1,), 2.0)
 def test_the_context_policy_rolls_each_episodes_last_seq_len_steps_and_restarts_with_a_new_episode():
     actor = Recorder()
     policy = dt.Policy(actor, STATS)
-    act = dt.context_policy(policy, 10.0, 3, CPU)
+    act = dt.context_policy(policy, 10.0, 3, 1, CPU)
     rewards = np.array([1.0, 2.0])
     returned = [act(np.array([[0.0], [100.0]]))]
     for t in range(1, 8):
@@ -309,34 +309,45 @@ def test_online_steps_are_refused_on_the_command_line_before_any_data_is_read(pe
 
 # ---- the exported policy --------------------------------------------------------------------------------
 DRIVE = """
-import sys, gymnasium as gym, numpy, torch
-policy = torch.export.load(sys.argv[1]).module()
+import json, sys, gymnasium as gym, numpy, torch
+extra = {"policy.json": ""}
+policy = torch.export.load(sys.argv[1], extra_files=extra).module()
+info = json.loads(extra["policy.json"])  # seq_len and the target returns, the first the run's score
 env = gym.make("Pendulum-v1")
 obs, _ = env.reset(seed=0)
-states, actions, returns_to_go, timesteps, taken = [obs], [], [float(sys.argv[2])], [0], []
+states, actions, returns_to_go, timesteps, taken = [obs], [], [info["target_returns"][0]], [0], []
+window = lambda x: torch.tensor(numpy.array(x[-info["seq_len"]:]), dtype=torch.float32)[None]
 for t in range(30):
-    window = lambda x: torch.tensor(numpy.array(x[-5:]), dtype=torch.float32)[None]
     action = policy(window(states), window(actions + [[0.0]]), window(returns_to_go),
-                    torch.tensor(timesteps[-5:])[None]).detach().numpy()[0]
+                    torch.tensor(timesteps[-info["seq_len"]:])[None]).detach().numpy()[0]
     obs, reward, *_ = env.step(action)
     taken.append(action)
     states.append(obs); actions.append(action); returns_to_go.append(returns_to_go[-1] - reward)
     timesteps.append(t + 1)
-numpy.save(sys.argv[3], numpy.array(taken))
+numpy.save(sys.argv[2], numpy.array(taken))
 """
+
+
+def assert_recorded_by(dataset: minari.MinariDataset, act) -> None:
+    """Each recorded action is act's on the episode's observations and rewards so far."""
+    for episode in dataset.iterate_episodes():
+        rewards = [None, *(np.array([r]) for r in episode.rewards[:-1])]
+        expected = [act(obs[None], r)[0] for obs, r in zip(episode.observations[:-1], rewards, strict=True)]
+        np.testing.assert_allclose(episode.actions, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_exported_policy_takes_the_window_and_drives_the_env_from_an_empty_folder(tmp_path):
     """policy.py export, then a process in an empty folder without the repository (python -I) rolls the window of
-    the last 5 steps itself: its actions are those of the script's own context policy on the same episode."""
-    policy = script_checkpoint("dt", tmp_path / "c.pt", 3, low=[-2.0], high=[2.0], target_returns=(-300.0,))
+    the last 5 steps itself, at the target the file names: its actions are those of the script's own context policy
+    on the same episode. collect.py records with the file, its actions the checkpoint's."""
+    policy = script_checkpoint("dt", tmp_path / "c.pt", 3, low=[-2.0], high=[2.0], target_returns=(-300.0, -100.0))
     result = run_script("policy.py", "export", tmp_path / "c.pt", tmp_path / "policy.pt2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "actions match" in result.stdout and "Warning" not in result.stdout + result.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "drive.py").write_text(DRIVE)
-    cmd = [sys.executable, "-I", "drive.py", str(tmp_path / "policy.pt2"), "-300", "actions.npy"]
+    cmd = [sys.executable, "-I", "drive.py", str(tmp_path / "policy.pt2"), "actions.npy"]
     run = subprocess.run(cmd, cwd=empty, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     act = dt.numpy_policies(policy.eval(), {}, CPU)["target_-300"]
@@ -347,11 +358,11 @@ def test_the_exported_policy_takes_the_window_and_drives_the_env_from_an_empty_f
         obs, reward, *_ = env.step(expected[-1])
         rewards = np.array([reward])
     np.testing.assert_allclose(np.load(empty / "actions.npy"), np.array(expected), rtol=1e-5, atol=1e-5)
-    import collect  # it records with the run's checkpoint (below), not with the file: no window keeper for it
+    import collect
 
     argv = ["--policy", "checkpoint", "--checkpoint", tmp_path / "policy.pt2", "--env", "Pendulum-v1"]
-    with pytest.raises(collect.UserError, match="takes 4 input tensors.*from its run's checkpoint, not its file"):
-        collect.main([str(a) for a in [*argv, "--episodes", 1, "--dataset-id", "local/pendulum/dt-file-v0"]])
+    argv += ["--episodes", 2, "--ref-episodes", 1, "--dataset-id", "local/pendulum/dt-file-v0"]
+    assert_recorded_by(collect.main([str(a) for a in argv]), act)
 
 
 def test_collect_records_with_a_checkpoint_that_keeps_each_episodes_context(pendulum, tmp_path):
@@ -361,11 +372,7 @@ def test_collect_records_with_a_checkpoint_that_keeps_each_episodes_context(pend
     policy = script_checkpoint("dt", tmp_path / "c.pt", 3, low=[-2.0], high=[2.0], target_returns=(-300.0,))
     argv = ["--policy", "checkpoint", "--checkpoint", tmp_path / "c.pt", "--episodes", 2, "--ref-episodes", 1]
     dataset = collect.main([str(a) for a in [*argv, "--dataset-id", "local/pendulum/dt-v0"]])
-    act = dt.numpy_policies(policy.eval(), {}, CPU)["target_-300"]
-    for episode in dataset.iterate_episodes():
-        rewards = [None, *(np.array([r]) for r in episode.rewards[:-1])]
-        expected = [act(obs[None], r)[0] for obs, r in zip(episode.observations[:-1], rewards, strict=True)]
-        np.testing.assert_allclose(episode.actions, expected, rtol=1e-5, atol=1e-5)
+    assert_recorded_by(dataset, dt.numpy_policies(policy.eval(), {}, CPU)["target_-300"])
 
 
 def test_compiled_update_equals_the_eager_one_and_compiles_once():

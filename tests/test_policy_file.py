@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -227,3 +228,53 @@ def test_damaged_and_foreign_files_get_one_paragraph(genuine, tmp_path):
     for file in ("text.pt2", "checkpoint.pt2", "truncated.pt2", "missing.pt2"):
         with pytest.raises(policy_tool.PolicyFileError, match="not a policy file of torch.export.save|refused"):
             policy_tool.load_exported_policy(tmp_path / file)
+
+
+# ---- policy.json: what a window policy's file says of itself --------------------------------------------
+def window_file(tmp_path, info: dict | None):
+    """A dt.py export (its window policy) whose policy.json is info (None: removed, as in files written before it)."""
+    file = tmp_path / "dt.pt2"
+    policy = script_checkpoint("dt", tmp_path / "dt.pt", OBS_DIM, low=[-2.0], high=[2.0], target_returns=(5.0,))
+    assert policy_tool.save_policy(policy, str(file), info={"algo": "dt", "seq_len": 5, "target_returns": [5.0]})
+    assert policy_tool.policy_info(file) == {"algo": "dt", "seq_len": 5, "target_returns": [5.0]}
+
+    def edit(files, root, marker):
+        files.pop(f"{root}/extra/policy.json")
+        return files if info is None else {**files, f"{root}/extra/policy.json": json.dumps(info).encode()}
+
+    return craft(file, edit, None, tmp_path / "edited.pt2")
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"algo": "../dt", "seq_len": 5, "target_returns": [5.0]},
+        {"algo": "dt", "seq_len": 0, "target_returns": [5.0]},
+        {"algo": "dt", "seq_len": 5, "target_returns": []},
+        {"algo": "dt", "seq_len": 5, "target_returns": ["5", float("nan")]},
+        {"algo": "dt", "target_returns": [5.0]},
+        ["dt", 5],
+    ],
+)
+def test_a_policy_json_that_does_not_say_what_keeps_the_window_is_refused(info, tmp_path):
+    file = window_file(tmp_path, info)
+    with pytest.raises(policy_tool.PolicyFileError) as refusal:
+        policy_tool.policy_info(file)
+    assert str(refusal.value).startswith(str(file)) and "\n" not in str(refusal.value)
+
+
+@pytest.mark.parametrize(
+    "info,message",
+    [
+        (None, "is not a policy exported for env Pendulum-v1 .*export it again with policy.py export"),
+        ({"algo": "report", "seq_len": 5, "target_returns": [5.0]}, "no such script with a context_policy"),
+        ({"algo": "nowhere", "seq_len": 5, "target_returns": [5.0]}, "no such script with a context_policy"),
+    ],
+)
+def test_collect_refuses_a_window_policy_it_cannot_keep_the_window_of(info, message, tmp_path, capsys):
+    """Without policy.json (a file written before it) or naming a script that keeps no window: exit 2, one line."""
+    file = window_file(tmp_path, info)
+    argv = ["--env", "Pendulum-v1", "--policy", "checkpoint", "--checkpoint", str(file), "--ref-episodes", "1"]
+    assert collect.cli(argv + ["--episodes", "1", "--dataset-id", "local/pendulum/window-v0"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
