@@ -1,7 +1,7 @@
 """Record a Minari dataset from any Gymnasium env with continuous (Box) actions, offline, in one file.
 
 Behaviour policies (`--policy`): `random` (uniform actions); `checkpoint`, the deterministic actor of an algorithm
-script's checkpoint (iql.py, cql.py, td3_bc.py, rebrac.py, bc.py), a collect.py teacher or an exported policy,
+script's checkpoint (any of iql.py, cql.py, ..., dt.py), a collect.py teacher or an exported policy (dt.py's too),
 optionally degraded with Gaussian noise and epsilon-random actions; `sac`, a compact online SAC teacher (Haarnoja et
 al., "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905) whose training episodes and/or final-policy
 rollouts become the data; its actor is saved as <run>/teacher.pt, and an interrupted run goes on with `--resume <run>`.
@@ -70,8 +70,8 @@ class Args:
     overwrite: bool = False
     """replace an existing local dataset with the same id"""
     checkpoint: str | None = None
-    """--policy checkpoint: a run folder or checkpoint of an algorithm script (iql.py, cql.py, td3_bc.py, rebrac.py,
-    bc.py), a collect.py teacher.pt, or a policy file written by policy.py export (.pt2; give --env with it)"""
+    """--policy checkpoint: a run folder or checkpoint of an algorithm script (any of iql.py, cql.py, ..., dt.py), a
+    collect.py teacher.pt, or a policy file written by policy.py export (.pt2; give --env with it)"""
     action_noise: float = 0.0
     """std of Gaussian noise added to the policy's actions, in units of half the action range, then clipped"""
     epsilon: float = 0.0
