@@ -123,20 +123,21 @@ def check_args(args: Args) -> list:
 
 # Published settings of CORL's DT (github.com/tinkoff-ai/CORL, configs/offline/dt/<env>/<dataset>.yaml): 3 layers, 1
 # head, embedding 128, seq_len 20, dropouts 0.1, AdamW (betas 0.9, 0.999, weight decay 1e-4) with 10k warm-up steps,
-# gradient clipping 0.25, 100k steps, 100 evaluation episodes per target return. "locomotion": what CORL's configs use
-# on D4RL's halfcheetah/hopper/walker2d datasets, which Minari does not host; here it applies to Minari's
-# mujoco/<env>/* datasets of those envs, with the targets of the env (CORL's are the same for every dataset of an env).
-# Kitchen has no CORL config: the defaults (unverified). Precedence: Args defaults < DOMAIN_SETTINGS <
-# DATASET_SETTINGS < --config FILE.yaml < command-line flags.
+# gradient clipping 0.25, 100k steps (update_steps, in all 30 configs), 100 evaluation episodes per target return.
+# "locomotion": what CORL's configs use on D4RL's halfcheetah/hopper/walker2d datasets, which Minari does not host; here
+# it applies to Minari's mujoco/<env>/* datasets of those envs, with the targets of the env (CORL's are the same for
+# every dataset of an env). Kitchen has no CORL config: the defaults (unverified). Precedence: Args defaults <
+# DOMAIN_SETTINGS < DATASET_SETTINGS < --config FILE.yaml < command-line flags.
+CORL_RUN = {"total_steps": 100_000, "eval_episodes": 100}
 DOMAIN_SETTINGS = {
-    "locomotion": {"batch_size": 4096, "learning_rate": 8e-4, "reward_scale": 0.001, "eval_every": 5000,
-                   "eval_episodes": 100},  # halfcheetah|hopper|walker2d/*_v2.yaml
-    "adroit": {"batch_size": 4096, "learning_rate": 8e-4, "reward_scale": 1.0, "eval_every": 5000,
-               "eval_episodes": 100},  # {pen,door,hammer,relocate}/*_v1.yaml
-    "antmaze": {"batch_size": 64, "learning_rate": 1e-4, "reward_scale": 1.0, "eval_every": 10_000,
-                "eval_episodes": 100},  # antmaze/*_v2.yaml
-    "pointmaze": {"batch_size": 4096, "learning_rate": 8e-4, "reward_scale": 1.0, "eval_every": 5000,
-                  "eval_episodes": 100},  # maze2d/*_v1.yaml
+    "locomotion": {**CORL_RUN, "batch_size": 4096, "learning_rate": 8e-4, "reward_scale": 0.001,
+                   "eval_every": 5000},  # halfcheetah|hopper|walker2d/*_v2.yaml
+    "adroit": {**CORL_RUN, "batch_size": 4096, "learning_rate": 8e-4, "reward_scale": 1.0,
+               "eval_every": 5000},  # {pen,door,hammer,relocate}/*_v1.yaml
+    "antmaze": {**CORL_RUN, "batch_size": 64, "learning_rate": 1e-4, "reward_scale": 1.0,
+                "eval_every": 10_000},  # antmaze/*_v2.yaml
+    "pointmaze": {**CORL_RUN, "batch_size": 4096, "learning_rate": 8e-4, "reward_scale": 1.0,
+                  "eval_every": 5000},  # maze2d/*_v1.yaml
 }  # fmt: skip
 # CORL's target_returns (raw returns; the first gives the run's score), the same for every dataset of an env
 DATASET_SETTINGS = {

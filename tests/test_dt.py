@@ -268,7 +268,7 @@ CORL = {
 EVERY_DATASET = dict(
     embedding_dim=128, num_layers=3, num_heads=1, seq_len=20, episode_len=1000, attention_dropout=0.1,
     residual_dropout=0.1, embedding_dropout=0.1, weight_decay=1e-4, warmup_steps=10_000, clip_grad=0.25, discount=1.0,
-    eval_episodes=100,
+    eval_episodes=100, total_steps=100_000,
 )  # fmt: skip
 
 
