@@ -57,7 +57,7 @@ class Args:
     embedding_dim: int = 128  # width of the tokens
     num_layers: int = 3  # transformer blocks
     num_heads: int = 1  # attention heads
-    seq_len: int = 20  # steps per segment (the shared block's batches for an Args with seq_len) and per context
+    seq_len: int = 20  # steps per training segment and of the policy's context (this field makes batches segments)
     episode_len: int = 1000  # timesteps with an embedding of their own (later ones share the last)
     attention_dropout: float = 0.1  # dropout of the attention weights
     residual_dropout: float = 0.1  # dropout of each block's attention and MLP outputs
