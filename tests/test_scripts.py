@@ -17,8 +17,10 @@ import common
 
 # ---- end to end -----------------------------------------------------------------------------------------
 # Every script on Pendulum; the dict-observation maze and the Adroit door (and its MuJoCo video) go through the shared
-# block's data path and evaluation, the same in every script: iql.py's run covers them
+# block's data path and evaluation, the same in every script: iql.py's run covers them, and dt.py's on the maze its
+# segments of flattened dict observations and its window policy
 END_TO_END = [(algo, "pendulum") for algo in ALGOS] + [("iql.py", "pointmaze"), ("iql.py", "door")]
+END_TO_END += [("dt.py", "pointmaze")]
 
 
 @pytest.mark.parametrize("algo, dataset", END_TO_END)
