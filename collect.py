@@ -834,20 +834,22 @@ def main(argv: list) -> minari.MinariDataset:
     # TRY NOT TO MODIFY: seeding
     seed_everything(args.seed)
 
-    # The random policy's mean return (ref_min_score) first: a --ref-max-score below it fails before any training
-    ref_seeds = episode_seeds(args.seed, 1, args.ref_episodes)
-    ref_min = float(rollout(env, behaviour(env, seed=args.seed + 1), ref_seeds, "random reference")[1].mean())
-    if args.ref_max_score is not None and args.ref_max_score <= ref_min:
-        raise UserError(f"--ref-max-score {args.ref_max_score} must exceed the random policy's return {ref_min:.1f}")
-
-    # Behaviour policy: the best noise-free actor we have (None = uniform), then the data episodes
+    # Behaviour policy: the best noise-free actor we have (None = uniform; a checkpoint's or a file's is built, and
+    # refused, before any episode runs), then the data episodes
     episodes, best, source, data = [], None, "uniform random actions", ""
     if ckpt is not None:
         actor = teacher_policy(ckpt, env, device) if ckpt["algo"] == ALGO else script_policy(str(ckpt_path), env)
         best, source = actor, f"{ckpt['algo']} checkpoint {ckpt_path}"
     elif exported:
         best, source = exported_policy(args.checkpoint, env), f"exported policy {args.checkpoint}"
-    elif args.policy == "sac":
+
+    # The random policy's mean return (ref_min_score): a --ref-max-score below it fails before any training
+    ref_seeds = episode_seeds(args.seed, 1, args.ref_episodes)
+    ref_min = float(rollout(env, behaviour(env, seed=args.seed + 1), ref_seeds, "random reference")[1].mean())
+    if args.ref_max_score is not None and args.ref_max_score <= ref_min:
+        raise UserError(f"--ref-max-score {args.ref_max_score} must exceed the random policy's return {ref_min:.1f}")
+
+    if args.policy == "sac":
         t0 = time.time()
         actor, replay = train_teacher(env, args, device, run_dir, argv, state)
         teacher = save_teacher(run_dir, actor, env, dataclasses.replace(args, resume=None), dataset_id, replay)
