@@ -240,6 +240,25 @@ def assert_same_networks(nets: dict, ref: dict, rtol: float = 1e-5, atol: float 
             torch.testing.assert_close(p, p_ref, rtol=rtol, atol=atol, msg=f"{name}.{key}")
 
 
+def seeded_steps(update, batch: dict, steps: int) -> dict:
+    """update(batch, step) for steps 1..steps after torch.manual_seed(1): the last step's metrics."""
+    torch.manual_seed(1)
+    for step in range(1, steps + 1):
+        metrics = update(batch, step)
+    return metrics
+
+
+def assert_steps_equal_reference(nets: dict, update, batch: dict, steps: int, reference, names=None) -> None:
+    """steps of update(batch, step) against reference() -> (its networks, its metrics), written out sequentially from
+    the same weights and torch seed: the networks, and the metrics in names (default: every metric it gives)."""
+    torch.manual_seed(1)
+    ref, expected = reference()
+    metrics = seeded_steps(update, batch, steps)
+    assert_same_networks(nets, ref)
+    for name in expected if names is None else names:
+        torch.testing.assert_close(metrics[f"losses/{name}"], expected[name], rtol=1e-5, atol=1e-6)
+
+
 def fixed_batch(size: int, obs_dim: int, act_dim: int, next_actions: bool) -> dict:
     """A fixed random batch (generator seed 42) as update(batch, step) reads it; the next actions NaN for an algorithm
     that must never read them."""
@@ -304,8 +323,11 @@ def assert_invalid(script, flags: dict, message: str) -> None:
     assert message in str(error.value)
 
 
-def assert_bf16_close(m16: dict, m32: dict, names: tuple) -> None:
-    """bf16 metrics in float32 and within 3 % of the float32 run's (absolute 3e-4 near zero)."""
+def assert_bf16_close(fp32, bf16, batch: dict, steps: int, ran: str, names: tuple) -> None:
+    """The same steps of a float32 and a bf16 update (torch seeded alike): the bf16 run's metric `ran` differs (bf16
+    really ran), and its metrics in names are float32 and within 3 % of the float32 run's (absolute 3e-4 near zero)."""
+    m32, m16 = seeded_steps(fp32, batch, steps), seeded_steps(bf16, batch, steps)
+    assert m16[f"losses/{ran}"].item() != m32[f"losses/{ran}"].item()
     for k in names:
         m, ref = m16[f"losses/{k}"], m32[f"losses/{k}"]
         assert m.dtype == torch.float32

@@ -5,6 +5,7 @@ configs, and the refusal of out-of-range values."""
 
 import copy
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
     assert_invalid,
-    assert_same_networks,
+    assert_steps_equal_reference,
     compiled_and_eager_updates,
     fixed_batch,
     metrics_and_moved_networks,
@@ -100,14 +101,7 @@ def reference_steps(nets: dict, args, batch: dict, steps: int) -> tuple:
 @pytest.mark.parametrize("steps", [1, 3])
 def test_updates_equal_corls_sequential_awac_steps(steps):
     args, nets, update, batch = build(tau=0.1, awac_lambda=0.5, discount=0.9)
-    torch.manual_seed(1)
-    ref, expected = reference_steps(nets, args, batch, steps)
-    torch.manual_seed(1)
-    for step in range(1, steps + 1):
-        metrics = update(batch, step)
-    assert_same_networks(nets, ref)
-    for name in expected:
-        torch.testing.assert_close(metrics[f"losses/{name}"], expected[name], rtol=1e-5, atol=1e-6)
+    assert_steps_equal_reference(nets, update, batch, steps, partial(reference_steps, nets, args, batch, steps))
 
 
 def test_every_step_moves_the_critics_the_actor_and_the_target_critics():
@@ -160,13 +154,7 @@ def test_compiled_update_equals_the_eager_one_and_compiles_once():
 def test_bf16_update_stays_close_to_float32():
     _, _, fp32, batch = build()
     _, _, bf16, _ = build(bf16=True)
-    for step in (1, 2):
-        torch.manual_seed(step)
-        m32 = fp32(batch, step)
-        torch.manual_seed(step)
-        m16 = bf16(batch, step)
-    assert m16["losses/q_mean"].item() != m32["losses/q_mean"].item()  # bf16 really ran
-    assert_bf16_close(m16, m32, ("critic_loss", "q_mean", "actor_loss", "log_prob"))
+    assert_bf16_close(fp32, bf16, batch, 2, "q_mean", ("critic_loss", "q_mean", "actor_loss", "log_prob"))
 
 
 # ---- the settings tables, as a script applies them ------------------------------------------------------

@@ -5,6 +5,7 @@ applies them; compiled and bf16 variants; the refusal of out-of-range values."""
 
 import copy
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from conftest import (
     assert_compiled_equals_eager,
     assert_invalid,
     assert_same_networks,
+    assert_steps_equal_reference,
     compiled_and_eager_updates,
     fixed_batch,
     metrics_and_moved_networks,
@@ -127,14 +129,9 @@ def reference_steps(nets: dict, args, batch: dict, steps: int, betas=None) -> tu
 def test_updates_equal_the_authors_sequential_rebrac_steps(steps):
     """Step 1 (CORL's i = 0): critics, actor, Polyak; step 2: the critics only; step 3: all again."""
     args, nets, update, batch = build(tau=0.1, discount=0.9)
-    torch.manual_seed(1)
-    ref, expected = reference_steps(nets, args, batch, steps)
-    torch.manual_seed(1)
-    for step in range(1, steps + 1):
-        metrics = update(batch, step)
-    assert_same_networks(nets, ref)
-    for name in ("critic_loss", "actor_loss"):
-        torch.testing.assert_close(metrics[f"losses/{name}"], expected[name], rtol=1e-5, atol=1e-6)
+    assert_steps_equal_reference(
+        nets, update, batch, steps, partial(reference_steps, nets, args, batch, steps), ("critic_loss", "actor_loss")
+    )
 
 
 def test_actor_and_targets_move_on_odd_steps_only_and_every_step_returns_the_same_keys():
@@ -258,12 +255,8 @@ def test_compiled_update_equals_the_eager_one_and_never_recompiles_not_even_when
 def test_bf16_update_stays_close_to_float32():
     _, _, fp32, batch = build()
     _, _, bf16, _ = build(bf16=True)
-    torch.manual_seed(1)
-    m32 = fp32(batch, 1)
-    torch.manual_seed(1)
-    m16 = bf16(batch, 1)
-    assert m16["losses/bc_mse"].item() != m32["losses/bc_mse"].item()  # bf16 really ran
-    assert_bf16_close(m16, m32, ("critic_loss", "q_min", "next_penalty", "actor_loss", "bc_mse"))
+    names = ("critic_loss", "q_min", "next_penalty", "actor_loss", "bc_mse")
+    assert_bf16_close(fp32, bf16, batch, 1, "bc_mse", names)
 
 
 # ---- the settings tables, as a script applies them ------------------------------------------------------

@@ -7,6 +7,7 @@ the builder and the settings check."""
 import copy
 import math
 from collections import Counter
+from functools import partial
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
     assert_invalid,
-    assert_same_networks,
+    assert_steps_equal_reference,
     assert_user_error,
     compiled_and_eager_updates,
     fixed_batch,
@@ -174,14 +175,8 @@ def reference_steps(nets: dict, args, batch: dict, steps: int, extra_critic_loss
 def assert_update_equals_reference(module, steps: int, extra_critic_loss=None, **overrides) -> None:
     """The script's update(batch, step) for `steps` steps against reference_steps, from the same weights and seeds."""
     args, nets, update, batch = build(module, tau=0.1, discount=0.9, alpha_lr=1e-2, **overrides)
-    torch.manual_seed(1)
-    ref, expected = reference_steps(nets, args, batch, steps, extra_critic_loss and extra_critic_loss(args))
-    torch.manual_seed(1)
-    for step in range(1, steps + 1):
-        metrics = update(batch, step)
-    assert_same_networks(nets, ref)
-    for name in expected:
-        torch.testing.assert_close(metrics[f"losses/{name}"], expected[name], rtol=1e-5, atol=1e-6)
+    extra = extra_critic_loss and extra_critic_loss(args)
+    assert_steps_equal_reference(nets, update, batch, steps, partial(reference_steps, nets, args, batch, steps, extra))
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -273,13 +268,8 @@ def test_compiled_update_equals_the_eager_one_and_never_recompiles():
 def test_bf16_update_stays_close_to_float32():
     _, _, fp32, batch = build(sac_n)
     _, _, bf16, _ = build(sac_n, bf16=True)
-    for step in (1, 2):
-        torch.manual_seed(step)
-        m32 = fp32(batch, step)
-        torch.manual_seed(step)
-        m16 = bf16(batch, step)
-    assert m16["losses/q_data"].item() != m32["losses/q_data"].item()  # bf16 really ran
-    assert_bf16_close(m16, m32, ("critic_loss", "q_data", "q_target", "actor_loss", "alpha_loss", "entropy"))
+    names = ("critic_loss", "q_data", "q_target", "actor_loss", "alpha_loss", "entropy")
+    assert_bf16_close(fp32, bf16, batch, 2, "q_data", names)
 
 
 # ---- settings tables and refused values -----------------------------------------------------------------

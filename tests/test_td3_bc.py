@@ -3,6 +3,7 @@ second step) against a plain sequential step written after the authors' TD3_BC.t
 table, compiled and bf16 variants, and the refusal of out-of-range values."""
 
 import copy
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from conftest import (
     assert_bf16_close,
     assert_compiled_equals_eager,
     assert_invalid,
-    assert_same_networks,
+    assert_steps_equal_reference,
     compiled_and_eager_updates,
     fixed_batch,
     metrics_and_moved_networks,
@@ -115,16 +116,8 @@ def reference_steps(nets: dict, args, batch: dict, steps: int) -> dict:
 def test_updates_equal_the_authors_sequential_td3_bc_steps(steps):
     """Step 1: the critics only; step 2: critics, actor, Polyak; 4 steps: twice that."""
     args, nets, update, batch = build(tau=0.1, alpha=2.0, discount=0.9)
-    torch.manual_seed(1)
-    ref, expected = reference_steps(nets, args, batch, steps)
-    torch.manual_seed(1)
-    for step in range(1, steps + 1):
-        metrics = update(batch, step)
-    assert_same_networks(nets, ref)
-    torch.testing.assert_close(metrics["losses/critic_loss"], expected["critic_loss"], rtol=1e-5, atol=1e-6)
-    if steps > 1:
-        for name in ("actor_loss", "lambda"):
-            torch.testing.assert_close(metrics[f"losses/{name}"], expected[name], rtol=1e-5, atol=1e-6)
+    names = ("critic_loss", "actor_loss", "lambda") if steps > 1 else ("critic_loss",)
+    assert_steps_equal_reference(nets, update, batch, steps, partial(reference_steps, nets, args, batch, steps), names)
 
 
 def test_actor_and_targets_move_on_even_steps_only_and_every_step_returns_the_same_keys():
@@ -197,13 +190,7 @@ def test_compiled_update_equals_the_eager_one_compiles_each_step_kind_once_and_n
 def test_bf16_update_stays_close_to_float32():
     _, _, fp32, batch = build()
     _, _, bf16, _ = build(bf16=True)
-    for step in (1, 2):
-        torch.manual_seed(step)
-        m32 = fp32(batch, step)
-        torch.manual_seed(step)
-        m16 = bf16(batch, step)
-    assert m16["losses/q_mean"].item() != m32["losses/q_mean"].item()  # bf16 really ran
-    assert_bf16_close(m16, m32, ("critic_loss", "q_mean", "actor_loss", "lambda", "bc_mse"))
+    assert_bf16_close(fp32, bf16, batch, 2, "q_mean", ("critic_loss", "q_mean", "actor_loss", "lambda", "bc_mse"))
 
 
 # ---- per-domain settings and refused values -------------------------------------------------------------
